@@ -27,8 +27,9 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ich` console script; returns the process exit code."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING,
-                        format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    # Set on our logger, not the root: libraries keep their own (quieter) levels.
+    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.func(args)
     except (config_mod.ConfigError, StepError, FileNotFoundError) as err:

@@ -89,3 +89,33 @@ def progress(iterable=None, total: int | None = None, desc: str = "", unit: str 
 
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=None, dynamic_ncols=True,
                 smoothing=0.05)
+
+
+def _stamp_path(work_dir: str | Path, step: str) -> Path:
+    return Path(work_dir) / ".done" / f"{step}.json"
+
+
+def is_done(work_dir: str | Path, step: str, params: dict, outputs: list[Path]) -> bool:
+    """True when `step` finished before with the same `params` and all its `outputs` still exist.
+
+    The stamp records the parameters a step's outputs depend on, so changing one (say
+    sample.per_label) makes the step run again instead of silently reusing stale files.
+    """
+    stamp = _stamp_path(work_dir, step)
+    if not stamp.is_file() or not all(Path(p).exists() for p in outputs):
+        return False
+    try:
+        return json.loads(stamp.read_text()).get("params") == json.loads(json.dumps(params))
+    except json.JSONDecodeError:
+        return False
+
+
+def mark_done(work_dir: str | Path, step: str, params: dict, summary_line: str = "") -> None:
+    """Record that `step` finished with `params` (see is_done)."""
+    write_json({"params": params, "summary": summary_line,
+                "finished": time.strftime("%Y-%m-%dT%H:%M:%S")}, _stamp_path(work_dir, step))
+
+
+def clear_done(work_dir: str | Path, step: str) -> None:
+    """Forget that `step` finished (before redoing it)."""
+    _stamp_path(work_dir, step).unlink(missing_ok=True)

@@ -1,0 +1,70 @@
+"""splits: patient grouping, stratification, fractions, determinism."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ich.splits import assign_splits, patient_label_matrix, split_summary
+
+
+def test_patient_label_matrix_is_max_over_images():
+    ids, matrix = patient_label_matrix(pd.Series(["b", "a", "b"]), np.array([[1, 0], [0, 0], [0, 1]]))
+    assert ids.tolist() == ["a", "b"]
+    assert matrix.tolist() == [[0, 0], [1, 1]]
+
+
+def random_dataset(n_images=3000, n_patients=600, seed=0):
+    rng = np.random.default_rng(seed)
+    patients = pd.Series([f"P{p}" for p in rng.integers(0, n_patients, n_images)])
+    labels = (rng.random((n_images, 6)) < [0.4, 0.03, 0.15, 0.15, 0.15, 0.15]).astype(int)
+    return patients, labels
+
+
+def test_no_patient_in_two_splits_and_fractions():
+    patients, labels = random_dataset()
+    splits = assign_splits(patients, labels, (0.8, 0.1, 0.1), seed=0)
+    frame = pd.DataFrame({"patient_id": patients, "split": splits})
+    assert frame.groupby("patient_id")["split"].nunique().max() == 1
+    share = frame.drop_duplicates("patient_id")["split"].value_counts(normalize=True)
+    assert share["train"] == pytest.approx(0.8, abs=0.02)
+    assert share["val"] == pytest.approx(0.1, abs=0.02)
+    assert share["test"] == pytest.approx(0.1, abs=0.02)
+
+
+def test_rare_label_reaches_every_split():
+    patients, labels = random_dataset()
+    splits = assign_splits(patients, labels, (0.8, 0.1, 0.1), seed=0)
+    frame = pd.DataFrame(labels, columns=list("abcdef")).assign(split=splits, patient_id=patients)
+    table = split_summary(frame, list("abcdef")).set_index("split")
+    # Patient-level positives of the rare label split close to 80/10/10.
+    rare = frame[frame.b == 1].drop_duplicates("patient_id")["split"].value_counts(normalize=True)
+    assert rare["val"] == pytest.approx(0.1, abs=0.04) and rare["test"] == pytest.approx(0.1, abs=0.04)
+    assert (table["b"] > 0).all()
+
+
+def test_seeded():
+    patients, labels = random_dataset(500, 100)
+    a = assign_splits(patients, labels, (0.8, 0.1, 0.1), seed=5)
+    b = assign_splits(patients, labels, (0.8, 0.1, 0.1), seed=5)
+    c = assign_splits(patients, labels, (0.8, 0.1, 0.1), seed=6)
+    assert (a == b).all() and not (a == c).all()
+
+
+def test_tiny_and_zero_fractions():
+    patients = pd.Series(["p1", "p2", "p3"])
+    labels = np.array([[1, 0], [0, 0], [1, 1]])
+    assert sorted(assign_splits(patients, labels, (0.8, 0.1, 0.1), 0)) == ["test", "train", "val"]
+    assert set(assign_splits(patients, labels, (1.0, 0.0, 0.0), 0)) == {"train"}
+    with pytest.raises(ValueError, match="2 patient"):
+        assign_splits(pd.Series(["p1", "p1", "p2"]), np.zeros((3, 2)), (0.8, 0.1, 0.1), 0)
+
+
+def test_uniform_labels_still_fill_every_split():
+    # Iterative stratification alone returns an empty split here (every patient positive for `any`).
+    patients = pd.Series([f"p{k % 10}" for k in range(28)])
+    labels = np.zeros((28, 6), dtype=int)
+    labels[:, 0] = 1
+    labels[np.arange(28), 1 + np.arange(28) % 5] = 1
+    splits = assign_splits(patients, labels, (0.8, 0.1, 0.1), seed=42)
+    per_patient = pd.DataFrame({"p": patients, "s": splits}).drop_duplicates("p")["s"].value_counts()
+    assert per_patient.to_dict() == {"train": 8, "val": 1, "test": 1}
