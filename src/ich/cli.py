@@ -70,7 +70,7 @@ def _cmd_synth(args) -> int:
     from ich.synth import generate
 
     generate(Path(args.out_dir), patients=args.patients, slices=args.slices, seed=args.seed,
-             workers=args.workers)
+             workers=args.workers, size=args.size)
     return 0
 
 
@@ -122,6 +122,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--patients", type=int, default=20, help="number of patients (one study each, some two)")
     p.add_argument("--slices", type=int, default=24, help="axial slices per study")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--size", type=int, default=512, help="image side in pixels (RSNA: 512)")
     p.add_argument("--workers", default="auto", help="processes; auto = all cores")
     p.set_defaults(func=_cmd_synth)
 
