@@ -82,3 +82,9 @@ def test_save_roundtrip(tmp_path):
     cfg = config.load(None, ["seed=9"])
     path = config.save(cfg, tmp_path / "resolved.yaml")
     assert yaml.safe_load(path.read_text()) == cfg
+
+
+@pytest.mark.parametrize("override", ["augment.blur_p=1.5", "online_augment.elastic_p=-0.1"])
+def test_probabilities_must_be_fractions(override):
+    with pytest.raises(config.ConfigError, match=r"must lie in \[0, 1\]"):
+        config.load(None, [override])

@@ -102,6 +102,11 @@ def validate(cfg: dict) -> None:
                 f"preprocess.channels: unknown window {name!r}; defined windows: {sorted(windows)}")
     if len(cfg["preprocess"]["channels"]) != 3:
         raise ConfigError("preprocess.channels: exactly three window names (red, green, blue)")
+    for section in ("augment", "online_augment"):
+        for key, value in cfg[section].items():
+            # Probabilities (`*_p`) and the elastic strength are fractions.
+            if (key.endswith("_p") or key == "elastic_scale") and not 0 <= value <= 1:
+                raise ConfigError(f"{section}.{key}: {value!r} must lie in [0, 1]")
     for key in ("sample.per_label", "preprocess.image_size", "model.image_size", "train.batch_size"):
         if get(cfg, key) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {get(cfg, key)}")

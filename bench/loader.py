@@ -1,0 +1,86 @@
+"""Loader throughput: decoding PNGs every epoch vs reading the packed memory-mapped cache.
+
+Writes synthetic 256x256 RGB PNGs (noise plus shapes, so they compress like real slices
+rather than like flat images) to a temp dir, then times one epoch of ich.data.Batches over
+each source with one decoding thread (images/s per core), and the one-off pack build.
+
+    .venv/bin/python bench/loader.py [--images 500] [--size 256] [--batch 32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+
+import cv2  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from ich import data  # noqa: E402
+
+
+def synthetic_png(path: Path, size: int, rng: np.random.Generator) -> None:
+    """One noisy 'head' image: an ellipse, a few blobs, Gaussian noise; written with cv2."""
+    image = np.zeros((size, size, 3), np.uint8)
+    centre = (size // 2, size // 2)
+    cv2.ellipse(image, centre, (size * 2 // 5, size * 9 // 20), 0, 0, 360, (200, 120, 230), -1)
+    cv2.ellipse(image, centre, (size * 7 // 20, size * 2 // 5), 0, 0, 360, (90, 110, 40), -1)
+    for _ in range(4):
+        x, y = (int(v) for v in rng.integers(size // 4, 3 * size // 4, 2))
+        cv2.circle(image, (x, y), int(rng.integers(3, size // 12)), (250, 160, 60), -1)
+    noise = rng.normal(0, 12, image.shape)
+    image = np.clip(image + noise, 0, 255).astype(np.uint8)
+    cv2.imwrite(str(path), image)
+
+
+def epoch_rate(batches: data.Batches) -> float:
+    """Images per second for one pass over `batches`."""
+    start = time.perf_counter()
+    n = sum(len(batches[i][0]) for i in range(len(batches)))
+    return n / (time.perf_counter() - start)
+
+
+def main() -> None:
+    """Run the benchmark and print a small table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=32)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        (work / "png").mkdir()
+        paths = [work / "png" / f"ID_{i:06d}.png" for i in range(args.images)]
+        for path in paths:
+            synthetic_png(path, args.size, rng)
+        mb = sum(p.stat().st_size for p in paths) / 2**20
+        table = pd.DataFrame({"image_id": [p.stem for p in paths], "path": [str(p) for p in paths]})
+        labels = np.zeros((len(paths), 1), np.float32)
+
+        png = data.Batches.from_paths(table["path"], labels, args.size, args.batch, shuffle=True,
+                                      seed=0, decode_workers=1)
+        png_rate = epoch_rate(png)
+
+        start = time.perf_counter()
+        images = data.packed(work, "train", table, args.size, workers=1)
+        build_s = time.perf_counter() - start
+        packed = data.Batches(images, labels, args.batch, shuffle=True, seed=0)
+        packed_rate = epoch_rate(packed)
+
+    print(f"{args.images} synthetic {args.size}x{args.size} RGB PNGs ({mb:.1f} MB), "
+          f"batch {args.batch}, shuffled, 1 thread")
+    print(f"{'source':<28}{'images/s':>10}{'ratio':>8}")
+    print(f"{'png (decode every epoch)':<28}{png_rate:>10,.0f}{1.0:>8.1f}")
+    print(f"{'packed memmap':<28}{packed_rate:>10,.0f}{packed_rate / png_rate:>8.1f}")
+    print(f"pack build: {build_s:.2f} s ({args.images / build_s:,.0f} images/s), "
+          f"paid once per split and size")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Online augmentation: Keras layers inside the model, active in training only."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from ich import config
+from ich.augment import online_augmentation
+from ich.warp import RandomWarp, bilinear_sample
+
+
+def params(**changes) -> dict:
+    return {**config.load()["online_augment"], **changes}
+
+
+def batch(n=4, size=32) -> np.ndarray:
+    x = np.random.default_rng(0).random((n, size, size, 3)).astype("float32")
+    x[:, : size // 4] = 1.0           # bright rows at the top: any flip/shift changes them
+    return x
+
+
+def numpy(x) -> np.ndarray:
+    return keras.ops.convert_to_numpy(x)
+
+
+def test_disabled_or_all_off_gives_none():
+    assert online_augmentation(params(enabled=False), 0) is None
+    off = params(flip="none", rotation=0.0, zoom=0.0, translate=0.0, brightness=0.0,
+                 contrast=0.0, blur_p=0.0, elastic_p=0.0)
+    assert online_augmentation(off, 0) is None
+
+
+def test_identity_at_inference():
+    x = batch()
+    augment = online_augmentation(params(), 0)
+    np.testing.assert_array_equal(numpy(augment(x, training=False)), x)
+
+
+def test_training_changes_the_batch_within_unit_range():
+    x = batch()
+    augment = online_augmentation(params(elastic_p=0.5), 0)
+    y = numpy(augment(x, training=True))
+    assert y.shape == x.shape and y.dtype == np.float32
+    assert 0.0 <= y.min() and y.max() <= 1.0
+    assert not np.allclose(y, x)
+
+
+def test_brightness_cannot_leave_unit_range():
+    x = np.ones((2, 8, 8, 3), "float32")
+    strong = params(flip="none", rotation=0.0, zoom=0.0, translate=0.0, contrast=0.0, blur_p=0.0,
+                    elastic_p=0.0, brightness=0.9)
+    y = numpy(online_augmentation(strong, 1)(x, training=True))
+    assert 0.0 <= y.min() and y.max() <= 1.0
+
+
+def test_warp_with_zero_ranges_is_exact_identity():
+    x = batch()
+    np.testing.assert_array_equal(numpy(RandomWarp(seed=0)(x, training=True)), x)
+
+
+def test_bilinear_sample_hand_computed():
+    image = np.array([[0.0, 2.0], [4.0, 6.0]], "float32").reshape(1, 2, 2, 1)
+    yy, xx = np.meshgrid(np.arange(2.0), np.arange(2.0), indexing="ij")
+    # Half a pixel to the right: the mean of two neighbours; past the edge the far one is 0.
+    out = numpy(bilinear_sample(image, yy[None], xx[None] + 0.5))[0, ..., 0]
+    np.testing.assert_allclose(out, [[1.0, 1.0], [5.0, 3.0]])
+    # 90 degrees about the centre: (y, x) reads (x, 1 - y).
+    out = numpy(bilinear_sample(image, xx[None], 1.0 - yy[None]))[0, ..., 0]
+    np.testing.assert_allclose(out, [[2.0, 6.0], [0.0, 4.0]])
+
+
+def test_elastic_displacement_stays_small():
+    size = 64
+    yy, xx = np.mgrid[0:size, 0:size].astype("float32")
+    coords = np.stack([yy, xx, np.zeros_like(yy)], -1)[None].repeat(4, 0) / size
+    out = numpy(RandomWarp(elastic_p=1.0, elastic_scale=0.02, seed=3)(coords, training=True))
+    shift = np.hypot(out[..., 0] - coords[..., 0], out[..., 1] - coords[..., 1])[:, 4:-4, 4:-4]
+    shift *= size
+    # at most ~0.02 * 64 = 1.3 px (bicubic may overshoot the coarse grid a little)
+    assert 0.05 < shift.mean() and shift.max() < 1.5 * 0.02 * size
+
+
+def test_survives_save_and_load_inside_a_model(tmp_path):
+    inputs = keras.Input((32, 32, 3))
+    x = online_augmentation(params(elastic_p=0.2), 7)(inputs)
+    outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(x))
+    model = keras.Model(inputs, outputs)
+    path = tmp_path / "tiny.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    x = batch(size=32)
+    np.testing.assert_allclose(numpy(loaded(x, training=False)), numpy(model(x, training=False)),
+                               rtol=1e-6)
+    augment = loaded.get_layer("online_augment")
+    assert [type(layer).__name__ for layer in augment.layers] == \
+        [type(layer).__name__ for layer in model.get_layer("online_augment").layers]
+    warp = next(layer for layer in augment.layers if isinstance(layer, RandomWarp))
+    assert warp.elastic_p == pytest.approx(0.2) and warp.rotation == pytest.approx(0.04)
+    assert not np.allclose(numpy(augment(x, training=True)), x)
+
+
+JAX_SCRIPT = """
+import warnings, numpy as np, keras
+from ich import config
+from ich.augment import online_augmentation
+inputs = keras.Input((16, 16, 3))
+x = online_augmentation(config.load()["online_augment"] | {"elastic_p": 0.5}, 0)(inputs)
+outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(x))
+model = keras.Model(inputs, outputs)
+model.compile("adam", "binary_crossentropy", jit_compile=True)
+with warnings.catch_warnings():
+    warnings.simplefilter("error", UserWarning)   # "Model doesn't support jit_compile=True"
+    model.fit(np.random.rand(8, 16, 16, 3).astype("float32"), np.ones((8, 1), "float32"),
+              batch_size=4, epochs=1, verbose=0)
+print("jit ok")
+"""
+
+
+def test_traces_under_jax_jit():
+    pytest.importorskip("jax")
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", JAX_SCRIPT], env=env, capture_output=True,
+                            text=True, timeout=300, cwd=Path(__file__).parent)
+    assert result.returncode == 0 and "jit ok" in result.stdout, result.stderr[-3000:]
