@@ -1,0 +1,122 @@
+"""ich.steps.evaluate on a small work dir of PNGs and the hand-weighted tiny cascade."""
+
+import json
+import re
+
+import cv2
+import numpy as np
+import pandas as pd
+import pytest
+
+from ich import config
+from ich.constants import (CASCADE_JSON, EVAL_DIR, HISTORY_DIR, IMAGES_CSV, LABELS, METRICS_JSON,
+                           PNG_DIR, PREDICTIONS_CSV, REPORT_MD, SPLITS_CSV)
+from ich.metrics import choose_threshold, evaluate_all
+from ich.steps import evaluate
+from tiny_cascade import expected_probs, red_images, save_tiny_cascade
+
+SIZE = 16
+
+
+def _labels(n: int, rng) -> np.ndarray:
+    y = np.zeros((n, len(LABELS)), dtype=int)
+    y[:, 1:] = rng.random((n, len(LABELS) - 1)) < 0.3
+    y[:, 0] = y[:, 1:].max(axis=1)
+    return y
+
+
+def make_work_dir(root, n_per_split=(6, 20, 24), seed=0):
+    """PNGs whose red channel is brighter for hemorrhage (noisy), splits.csv and images.csv."""
+    rng = np.random.default_rng(seed)
+    work = root / "work"
+    (work / PNG_DIR).mkdir(parents=True)
+    split_rows, image_rows = [], []
+    for split, n in zip(("train", "val", "test"), n_per_split):
+        y = _labels(n, rng)
+        reds = np.clip(90 + 70 * y[:, 0] + rng.normal(0, 30, n), 0, 255)
+        for i, (red, image) in enumerate(zip(reds, red_images(reds, size=SIZE, seed=len(split_rows)))):
+            image_id = f"ID_{len(split_rows):09x}"
+            path = f"{PNG_DIR}/{image_id}.png"
+            cv2.imwrite(str(work / path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            split_rows.append({"image_id": image_id, "split": split, "patient_id": f"P{i // 3}_{split}",
+                               **dict(zip(LABELS, y[i]))})
+            image_rows.append({"image_id": image_id, "patient_id": f"P{i // 3}_{split}", "path": path})
+    pd.DataFrame(split_rows).to_csv(work / SPLITS_CSV, index=False)
+    pd.DataFrame(image_rows).to_csv(work / IMAGES_CSV, index=False)
+    return work
+
+
+@pytest.fixture
+def setup(tmp_path):
+    work = make_work_dir(tmp_path)
+    run = save_tiny_cascade(tmp_path / "run", image_size=SIZE, extra_key="kept")
+    (run / HISTORY_DIR).mkdir()
+    pd.DataFrame({"epoch": [0, 1, 2], "auc": [0.6, 0.7, 0.8], "loss": [0.7, 0.5, 0.4],
+                  "val_auc": [0.55, 0.65, 0.7], "val_loss": [0.8, 0.6, 0.5],
+                  "learning_rate": [1e-3] * 3}).to_csv(run / HISTORY_DIR / "stage1_frozen.csv", index=False)
+    cfg = config.load(None, [f"paths.work_dir={work}", f"paths.run_dir={run}", "data.workers=1",
+                             "predict.batch_size=8", "evaluate.report_examples=4"])
+    return cfg, work, run
+
+
+def _truth_and_expected(work, split):
+    splits = pd.read_csv(work / SPLITS_CSV)
+    part = splits[splits["split"] == split]
+    images = np.stack([cv2.cvtColor(cv2.imread(str(work / PNG_DIR / f"{i}.png")), cv2.COLOR_BGR2RGB)
+                       for i in part["image_id"]])
+    return part, part[list(LABELS)].to_numpy(), expected_probs(images)
+
+
+def test_evaluate_writes_metrics_thresholds_and_report(setup):
+    cfg, work, run = setup
+    path = evaluate.run(cfg)
+    eval_dir = run / EVAL_DIR
+    assert path == eval_dir / METRICS_JSON
+    metrics = json.loads(path.read_text())
+
+    # Thresholds: Youden on val, stored in cascade.json with every other key kept.
+    _, val_true, val_prob = _truth_and_expected(work, "val")
+    cascade = json.loads((run / CASCADE_JSON).read_text())
+    for j, label in enumerate(LABELS):
+        assert cascade["thresholds"][label] == pytest.approx(
+            choose_threshold(val_true[:, j], val_prob[:, j], "youden"), abs=1e-5)
+    assert cascade["extra_key"] == "kept" and cascade["threshold_method"] == "youden"
+
+    # Predictions: image_id + six probabilities exactly, equal to the hand-computed cascade.
+    test_part, test_true, test_prob = _truth_and_expected(work, "test")
+    pred = pd.read_csv(eval_dir / PREDICTIONS_CSV)
+    assert list(pred.columns) == ["image_id", *LABELS]
+    assert list(pred["image_id"]) == list(test_part["image_id"])
+    np.testing.assert_allclose(pred[list(LABELS)].to_numpy(), test_prob, atol=1e-5)
+
+    # Metrics: evaluate_all on the test split at those thresholds.
+    expected = evaluate_all(test_true, pred[list(LABELS)].to_numpy(), cascade["thresholds"])
+    assert metrics["overall"]["n_images"] == len(test_part)
+    assert metrics["labels"]["any"]["roc_auc"] == pytest.approx(expected["labels"]["any"]["roc_auc"])
+    assert metrics["labels"]["any"]["roc_auc"] > 0.8  # red brightness carries the label
+    assert metrics["overall"]["rsna_weighted_log_loss"] == pytest.approx(
+        expected["overall"]["rsna_weighted_log_loss"], rel=1e-4)
+    assert metrics["labels"]["subdural"]["confusion"] == expected["labels"]["subdural"]["confusion"]
+
+    report = (eval_dir / REPORT_MD).read_text()
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", report)
+    assert "training.png" in links and "examples.png" in links
+    assert all((eval_dir / link).is_file() for link in links)
+    assert f"| any | {metrics['labels']['any']['roc_auc']:.3f} |" in report
+    assert "Research use only" in report
+
+
+def test_evaluate_skips_when_complete_and_force_redoes(setup):
+    cfg, _, run = setup
+    path = evaluate.run(cfg)
+    stamp = path.stat().st_mtime_ns
+    assert evaluate.run(cfg) == path and path.stat().st_mtime_ns == stamp
+    evaluate.run(cfg, force=True)
+    assert path.stat().st_mtime_ns > stamp
+
+
+def test_evaluate_without_trained_model_names_the_file(tmp_path):
+    work = make_work_dir(tmp_path, n_per_split=(3, 3, 3))
+    cfg = config.load(None, [f"paths.work_dir={work}", f"paths.run_dir={tmp_path / 'none'}"])
+    with pytest.raises(FileNotFoundError, match=CASCADE_JSON):
+        evaluate.run(cfg)
