@@ -1,0 +1,169 @@
+"""Backbone registry, cascade models, custom layers, freezing, save/load (torch backend)."""
+
+import numpy as np
+import pytest
+
+import keras
+
+import ich.models  # noqa: F401  (registers custom objects)
+from ich.constants import SUBTYPES
+from ich.models.backbones import BACKBONES, build_backbone
+from ich.models.cascade import (backbone_layers, build_stage1, build_stage2,
+                                set_backbone_trainable)
+from ich.models.layers import TokenEmbedding
+
+SIZE = 32
+DUAL = ["EfficientNetV2B0", "ConvNeXtTiny"]
+
+
+@pytest.fixture(scope="module")
+def stage1():
+    keras.utils.set_random_seed(0)
+    flip = keras.Sequential([keras.layers.RandomFlip("horizontal", seed=1)], name="augment")
+    return build_stage1("EfficientNetV2B0", SIZE, None, dropout=0.3, augmentation=flip)
+
+
+@pytest.fixture(scope="module")
+def stage2():
+    keras.utils.set_random_seed(0)
+    return build_stage2(DUAL, SIZE, None, dropout=0.3, fusion_dim=32, attention_heads=4)
+
+
+def images(n=4, seed=0):
+    return np.random.default_rng(seed).random((n, SIZE, SIZE, 3), dtype=np.float32)
+
+
+def test_registry_has_both_families():
+    for name in ("EfficientNetV2B0", "EfficientNetV2B3", "EfficientNetV2S", "EfficientNetV2L",
+                 "ConvNeXtTiny", "ConvNeXtLarge"):
+        assert name in BACKBONES
+
+
+def test_unknown_backbone_lists_valid_names():
+    with pytest.raises(ValueError, match="ConvNeXtTiny"):
+        build_backbone("ResNet50", (SIZE, SIZE, 3), None)
+
+
+def test_missing_weights_file_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.weights.h5"):
+        build_backbone("EfficientNetV2B0", (SIZE, SIZE, 3), str(tmp_path / "nope.weights.h5"))
+    with pytest.raises(FileNotFoundError, match="ConvNeXtTiny.weights.h5"):
+        build_backbone("ConvNeXtTiny", (SIZE, SIZE, 3), str(tmp_path))
+
+
+def test_backbones_rescale_unit_input_to_255(stage1, stage2):
+    # The wrapper's first layer after its input multiplies by 255; the inner model expects 0..255.
+    for model in (stage1, stage2):
+        for backbone in backbone_layers(model):
+            rescale = backbone.layers[1]
+            assert isinstance(rescale, keras.layers.Rescaling) and rescale.scale == 255.0
+            assert backbone.output.shape[1:3] == (SIZE // 32, SIZE // 32)
+            x = images(2)
+            inner = backbone.layers[-1]  # the keras.applications model, fed 0..255 pixels
+            np.testing.assert_allclose(keras.ops.convert_to_numpy(backbone(x)),
+                                       keras.ops.convert_to_numpy(inner(255.0 * x)), rtol=1e-4, atol=1e-5)
+
+
+def test_backbone_weights_from_file(tmp_path):
+    source = BACKBONES["EfficientNetV2B0"](include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+    for w in source.weights:
+        w.assign(np.full(w.shape, 0.5, dtype="float32"))
+    source.save_weights(tmp_path / "EfficientNetV2B0.weights.h5")
+    # A folder of <name>.weights.h5 files: how stage 2 gets one file per architecture.
+    model = build_backbone("EfficientNetV2B0", (SIZE, SIZE, 3), str(tmp_path))
+    inner = model.layers[-1]
+    assert all(np.allclose(keras.ops.convert_to_numpy(w), 0.5) for w in inner.weights)
+
+
+def test_stage1_output(stage1):
+    out = stage1.predict(images(), verbose=0)
+    assert stage1.output.shape == (None, 1) and stage1.get_layer("any").dtype_policy.compute_dtype == "float32"
+    assert out.shape == (4, 1) and out.dtype == np.float32
+    assert np.all((out > 0) & (out < 1))
+
+
+def test_stage2_output(stage2):
+    out = stage2.predict(images(), verbose=0)
+    assert out.shape == (4, len(SUBTYPES)) and out.dtype == np.float32
+    assert np.all((out > 0) & (out < 1))
+    assert [layer.name for layer in backbone_layers(stage2)] == [f"backbone_{n}" for n in DUAL]
+
+
+def test_stage2_rejects_wrong_backbones():
+    with pytest.raises(ValueError, match="EfficientNetV2"):
+        build_stage2(["ConvNeXtTiny", "EfficientNetV2B0"], SIZE, None)
+    with pytest.raises(ValueError, match="exactly two"):
+        build_stage2(["EfficientNetV2B0"], SIZE, None)
+    with pytest.raises(ValueError, match="divisible"):
+        build_stage2(DUAL, SIZE, None, fusion_dim=30, attention_heads=4)
+
+
+def test_stage2_fuses_grids_of_different_sizes():
+    # At 80 px EfficientNet ('same' padding) gives a 3x3 grid, ConvNeXt (valid strides) 2x2.
+    model = build_stage2(DUAL, 80, None, fusion_dim=16, attention_heads=2)
+    assert model.get_layer("fuse_resize_1").output.shape[1:3] == (3, 3)
+    assert model.predict(np.zeros((1, 80, 80, 3), "float32"), verbose=0).shape == (1, 5)
+
+
+def test_heads_stay_float32_under_mixed_precision():
+    keras.mixed_precision.set_global_policy("mixed_float16")
+    try:
+        model = build_stage1("EfficientNetV2B0", SIZE, None)
+        assert model.get_layer("backbone_EfficientNetV2B0").dtype_policy.compute_dtype == "float16"
+        assert model.output.dtype == "float32"
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+
+
+def test_augmentation_sits_after_input_and_is_off_at_inference(stage1):
+    assert stage1.layers[1].name == "augment"
+    x = images(8)
+    first = keras.ops.convert_to_numpy(stage1(x, training=False))
+    np.testing.assert_allclose(stage1.predict(x, verbose=0), first, atol=1e-6)
+
+
+def count(weights):
+    return len(weights)
+
+
+def test_freezing_pretrained_keeps_batchnorm_frozen(stage1):
+    head = ["any"]  # Dense kernel + bias
+    set_backbone_trainable(stage1, False)
+    assert count(stage1.trainable_weights) == 2 * len(head)
+    set_backbone_trainable(stage1, True, pretrained=True)
+    backbone = stage1.get_layer("backbone_EfficientNetV2B0")
+    bns = [l for l in backbone.layers[-1].layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert bns and all(not bn.trainable for bn in bns)
+    # Every BN contributes gamma and beta to the frozen set; moving stats are never trainable.
+    everything = len(backbone.weights) + 2
+    assert count(stage1.trainable_weights) == everything - 4 * len(bns)
+    set_backbone_trainable(stage1, True, pretrained=False)
+    assert all(bn.trainable for bn in bns)
+    assert count(stage1.trainable_weights) == everything - 2 * len(bns)
+
+
+def test_freezing_stage2_leaves_fusion_trainable(stage2):
+    set_backbone_trainable(stage2, False)
+    names = {w.path.split("/")[0] for w in stage2.trainable_weights}
+    assert not any(n.startswith("backbone_") for n in names)
+    assert {"fuse_proj_0", "fuse_embedding", "attention", "subtypes"} <= names
+    set_backbone_trainable(stage2, True, pretrained=False)
+
+
+def test_save_load_same_predictions(stage2, tmp_path):
+    x = images(3, seed=1)
+    before = stage2.predict(x, verbose=0)
+    path = tmp_path / "stage2.keras"
+    stage2.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), before, rtol=1e-5, atol=1e-6)
+
+
+def test_token_embedding_adds_table_and_round_trips():
+    layer = TokenEmbedding()
+    x = np.ones((2, 3, 4), "float32")
+    out = keras.ops.convert_to_numpy(layer(x))
+    table = keras.ops.convert_to_numpy(layer.embedding)
+    np.testing.assert_allclose(out, np.broadcast_to(1 + table, out.shape), rtol=1e-6)
+    clone = TokenEmbedding.from_config(layer.get_config())
+    assert clone.name == layer.name
