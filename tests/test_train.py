@@ -203,3 +203,13 @@ def test_steps_per_epoch_cap_takes_a_fresh_random_subset_each_epoch():
     capped.on_epoch_end()
     second = [tuple(capped[i][0][:, 0, 0, 0]) for i in range(3)]
     assert first != second and len(capped) == 3
+
+
+def test_phase_epochs_stage2_override():
+    from ich.steps.train import phase_epochs
+
+    train = config.load(None, ["train.frozen_epochs=1", "train.finetune_epochs=8"])["train"]
+    assert [phase_epochs(train, s, p) for s in ("stage1", "stage2") for p in ("frozen", "finetune")] == [1, 8, 1, 8]
+    train["stage2_finetune_epochs"] = 3
+    assert phase_epochs(train, "stage1", "finetune") == 8
+    assert phase_epochs(train, "stage2", "finetune") == 3

@@ -15,12 +15,9 @@ from pathlib import Path
 
 from ich import config as config_mod
 from ich.constants import RESOLVED_CONFIG, STEPS
+from ich.errors import StepError  # noqa: F401  (re-exported: steps raise ich.cli.StepError)
 
 log = logging.getLogger("ich")
-
-
-class StepError(RuntimeError):
-    """A fatal, user-facing error of a step: the message says what is wrong and what to do."""
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,7 +25,7 @@ import numpy as np
 import pandas as pd
 
 from ich.augment import augment_copy, copy_seed, label_counts, offline_pipeline, plan_copies
-from ich.cli import StepError
+from ich.errors import StepError
 from ich.config import resolve_workers
 from ich.constants import AUGMENTED_CSV, AUGMENTED_DIR, IMAGES_CSV, LABELS, PNG_DIR, SPLITS_CSV
 from ich.io import Timer, atomic_write_bytes, atomic_write_text, is_done, mark_done, progress, \

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ich.cli import StepError
+from ich.errors import StepError
 from ich.constants import DICOM_DIR, MISSING_CSV, SAMPLED_CSV
 from ich.io import Timer, atomic_path, is_done, mark_done, progress, summary, write_csv
 

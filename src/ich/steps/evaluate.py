@@ -33,7 +33,7 @@ def run(cfg: dict, force: bool = False) -> Path:
     # Before anything imports keras (ich.data does): Keras reads KERAS_BACKEND once, at import.
     select_backend(cfg["train"]["backend"])
     from ich import data
-    from ich.cli import StepError
+    from ich.errors import StepError
     from ich.config import resolve_workers
     from ich.inference import load_cascade
     from ich.io import Timer, summary, write_csv, write_json

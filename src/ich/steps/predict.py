@@ -46,7 +46,7 @@ def predict_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict) ->
 
     # Before anything imports keras: Keras reads KERAS_BACKEND once, at import.
     select_backend(cfg["train"]["backend"])
-    from ich.cli import StepError
+    from ich.errors import StepError
     from ich.config import resolve_workers
     from ich.constants import FAILURES_CSV, PREDICTIONS_CSV, STUDIES_CSV, SUBMISSION_CSV
     from ich.inference import load_cascade

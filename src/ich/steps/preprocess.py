@@ -30,7 +30,7 @@ from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
-from ich.cli import StepError
+from ich.errors import StepError
 from ich.config import resolve_workers
 from ich.constants import DICOM_DIR, FAILURES_CSV, IMAGES_CSV, PNG_DIR
 from ich.io import (Timer, atomic_path, clear_done, is_done, mark_done, progress, summary,

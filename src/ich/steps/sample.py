@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 
 from ich import labels as labels_mod
-from ich.cli import StepError
+from ich.errors import StepError
 from ich.constants import LABELS, LABELS_CSV, SAMPLED_CSV
 from ich.io import Timer, is_done, mark_done, summary, write_csv
 

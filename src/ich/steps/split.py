@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ich.cli import StepError
+from ich.errors import StepError
 from ich.constants import IMAGES_CSV, LABELS, SAMPLED_CSV, SPLITS_CSV
 from ich.io import Timer, is_done, mark_done, summary, write_csv
 from ich.splits import assign_splits, split_summary

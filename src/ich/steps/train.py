@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from ich import config as config_mod
-from ich.cli import StepError
+from ich.errors import StepError
 from ich.constants import (CASCADE_JSON, HISTORY_DIR, LABELS, LOGS_DIR, STAGE1_MODEL,
                            STAGE2_MODEL, SUBTYPES)
 from ich.io import Timer, summary, write_json
@@ -156,7 +156,7 @@ def _train_stage(cfg: dict, stage: str, run_dir: Path, jit: bool) -> None:
 
     timer, seen, offset = Timer(), 0, 0
     for phase in PHASES:
-        epochs = int(train["frozen_epochs" if phase == "frozen" else "finetune_epochs"])
+        epochs = phase_epochs(train, stage, phase)
         marker = backup / f"{stage}_{phase}.done.json"
         if marker.is_file():
             offset += json.loads(marker.read_text())["epochs"]
@@ -208,6 +208,15 @@ def _init_from_stage1(model, stage1_path: Path, backbone: str) -> None:
     stage1 = keras.saving.load_model(stage1_path, compile=False)
     model.get_layer(name).set_weights(stage1.get_layer(name).get_weights())
     log.info("train: stage2 %s starts from trained stage 1 (%s)", backbone, stage1_path)
+
+
+def phase_epochs(train: dict, stage: str, phase: str) -> int:
+    """Epochs of one phase: frozen_epochs, or finetune_epochs unless stage 2 has its own."""
+    if phase == "frozen":
+        return int(train["frozen_epochs"])
+    if stage == "stage2" and train["stage2_finetune_epochs"] is not None:
+        return int(train["stage2_finetune_epochs"])
+    return int(train["finetune_epochs"])
 
 
 def _fit(model, cfg, stage, phase, run_dir, batches, val_batches, epochs, class_weight,

@@ -176,7 +176,7 @@ def generate(out_dir: Path, patients: int, slices: int, seed: int, workers="auto
     """Write a phantom data set in the RSNA layout under `out_dir` (see the module doc) and
     return `out_dir`. `size` is the image side (512 like RSNA; smaller for fast tests);
     `workers` processes render patients in parallel ('auto' = all cores)."""
-    from ich.cli import StepError
+    from ich.errors import StepError
     from ich.config import resolve_workers
 
     if patients < 1 or slices < 1:
