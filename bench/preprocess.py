@@ -116,7 +116,7 @@ def _children_cpu() -> float:
 def main() -> None:
     """Make the DICOMs, run both pipelines on them, print the comparison."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--images", type=int, default=1000)
     parser.add_argument("--size", type=int, default=512, help="DICOM side in pixels")
     parser.add_argument("--image-size", type=int, default=256, help="output PNG side")
     parser.add_argument("--workers", default="auto")
