@@ -213,3 +213,26 @@ def test_phase_epochs_stage2_override():
     train["stage2_finetune_epochs"] = 3
     assert phase_epochs(train, "stage1", "finetune") == 8
     assert phase_epochs(train, "stage2", "finetune") == 3
+
+
+def test_models_older_than_their_data_are_stale(tmp_path):
+    import os
+
+    from ich.steps.train import stale_stages
+
+    cfg = config.load(None, [f"paths.work_dir={tmp_path / 'work'}", f"paths.run_dir={tmp_path / 'run'}"])
+    (tmp_path / "work").mkdir()
+    (tmp_path / "run").mkdir()
+    splits, stage1, stage2 = (tmp_path / "work" / SPLITS_CSV, tmp_path / "run" / STAGE1_MODEL,
+                              tmp_path / "run" / STAGE2_MODEL)
+    for path, mtime in ((splits, 100), (stage1, 200), (stage2, 300)):
+        path.write_text("x")
+        os.utime(path, (mtime, mtime))
+    assert stale_stages(cfg, tmp_path / "run") == []
+    os.utime(splits, (250, 250))  # re-split after stage 1 was trained
+    assert stale_stages(cfg, tmp_path / "run") == ["stage1", "stage2"]
+    os.utime(splits, (100, 100))
+    os.utime(stage1, (400, 400))  # stage 1 retrained: stage 2 started from the old one
+    assert stale_stages(cfg, tmp_path / "run") == ["stage2"]
+    cfg["model"]["stage2_from_stage1"] = False
+    assert stale_stages(cfg, tmp_path / "run") == []

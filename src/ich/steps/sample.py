@@ -22,7 +22,8 @@ def run(cfg: dict, force: bool = False) -> Path:
     work = Path(cfg["paths"]["work_dir"])
     source = Path(cfg["paths"]["labels_csv"])
     out_labels, out_sampled = work / LABELS_CSV, work / SAMPLED_CSV
-    params = {"labels_csv": str(source.resolve()), "seed": cfg["seed"], **cfg["sample"]}
+    params = {"labels_csv": str(source.resolve()), "seed": cfg["seed"], **cfg["sample"],
+              "labels_mtime": source.stat().st_mtime_ns if source.is_file() else None}
     if not force and is_done(work, "sample", params, [out_labels, out_sampled]):
         log.info("sample: %s is up to date (use --force to redo)", out_sampled)
         return out_sampled

@@ -31,8 +31,8 @@ import numpy as np
 
 from ich import config as config_mod
 from ich.errors import StepError
-from ich.constants import (CASCADE_JSON, HISTORY_DIR, LABELS, LOGS_DIR, STAGE1_MODEL,
-                           STAGE2_MODEL, SUBTYPES)
+from ich.constants import (AUGMENTED_CSV, CASCADE_JSON, HISTORY_DIR, LABELS, LOGS_DIR, SPLITS_CSV,
+                           STAGE1_MODEL, STAGE2_MODEL, SUBTYPES)
 from ich.io import Timer, summary, write_json
 
 log = logging.getLogger("ich")
@@ -68,7 +68,10 @@ def run(cfg: dict, force: bool = False) -> Path:
     jit = backend.resolve_jit(train["jit_compile"])
     log.info("train: backend %s, mixed precision %s, jit_compile %s", name, mixed, jit)
 
-    todo = [s for s in train["stages"] if force or not (run_dir / STAGES[s]).is_file()]
+    stale = stale_stages(cfg, run_dir)
+    for stage in stale:
+        log.info("train: %s is older than its training data; retraining it", run_dir / STAGES[stage])
+    todo = [s for s in train["stages"] if force or s in stale or not (run_dir / STAGES[s]).is_file()]
     for stage in sorted(set(train["stages"]) - set(todo)):
         log.info("train: %s skipped, %s exists (use --force to retrain)", stage, run_dir / STAGES[stage])
     cascade_path = run_dir / CASCADE_JSON
@@ -80,7 +83,7 @@ def run(cfg: dict, force: bool = False) -> Path:
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     try:
         for stage in todo:
-            if force:
+            if force or stage in stale:
                 _clear_stage(run_dir, stage)
             _train_stage(cfg, stage, run_dir, jit)
     finally:
@@ -91,6 +94,29 @@ def run(cfg: dict, force: bool = False) -> Path:
         raise StepError(f"{run_dir}: {', '.join(missing)} missing, so no cascade.json was written; "
                         f"add the stage(s) to train.stages and run `ich train` again")
     return write_json(cascade_description(cfg, mixed), cascade_path)
+
+
+def stale_stages(cfg: dict, run_dir: Path) -> list[str]:
+    """Stages whose finished model is older than what it was trained from.
+
+    A re-split (or new augmented images) after training must not leave models trained on the
+    old split in place: `ich run --from split --force` would otherwise evaluate them on test
+    images they were trained on. Stage 2 also depends on stage 1 when it starts from it.
+    """
+    work = Path(cfg["paths"]["work_dir"])
+    inputs = [work / SPLITS_CSV, work / AUGMENTED_CSV]
+    stale = []
+    for stage in STAGES:
+        model = run_dir / STAGES[stage]
+        if stage == "stage2" and cfg["model"]["stage2_from_stage1"]:
+            inputs = inputs + [run_dir / STAGE1_MODEL]
+        if not model.is_file():
+            continue
+        built = model.stat().st_mtime_ns
+        if any(p.is_file() and p.stat().st_mtime_ns > built for p in inputs) or \
+                (stage == "stage2" and "stage1" in stale):
+            stale.append(stage)
+    return stale
 
 
 def cascade_description(cfg: dict, mixed_precision: bool) -> dict:
