@@ -36,4 +36,4 @@ bench: $(BIN)/ich
 	$(BIN)/python bench/loader.py
 
 clean:
-	rm -rf work runs data/synth .pytest_cache
+	rm -rf work/demo runs/demo data/synth .pytest_cache

@@ -229,3 +229,20 @@ def read_back(path: Path) -> pydicom.Dataset:
     """dcmread without the RSNA UID warnings (for tests that inspect tags)."""
     with _quiet_rsna_uids():
         return pydicom.dcmread(path)
+
+
+def write_config(root: Path, truth: dict, **sections: dict) -> Path:
+    """An ich config YAML under `root` pointing at the folder `truth` describes, 32 px PNGs.
+
+    `sections` override or add config sections (e.g. train={...}).
+    """
+    import yaml
+
+    cfg = {"paths": {"labels_csv": str(truth["csv"]), "dicom_dir": str(truth["dicom_dir"]),
+                     "work_dir": str(root / "work"), "run_dir": str(root / "run")},
+           "sample": {"per_label": 1000, "exclude_ids": []},
+           "preprocess": {"image_size": 32, "workers": 2}}
+    cfg.update(sections)
+    path = root / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path

@@ -10,9 +10,8 @@ import cv2
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-from alt_rsna import write_alt_rsna
+from alt_rsna import write_alt_rsna, write_config
 from ich.cli import main
 
 WINDOWS = ((80, 200), (40, 80), (600, 2800))
@@ -33,12 +32,7 @@ def independent_rgb(hu: np.ndarray, size: int) -> np.ndarray:
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("alt")
     truth = write_alt_rsna(root / "rsna", n_patients=8, slices=4, size=64, seed=3)
-    cfg = {"paths": {"labels_csv": str(truth["csv"]), "dicom_dir": str(truth["dicom_dir"]),
-                     "work_dir": str(root / "work"), "run_dir": str(root / "run")},
-           "sample": {"per_label": 1000, "exclude_ids": []},
-           "preprocess": {"image_size": 32, "workers": 2}}
-    config = root / "cfg.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config = write_config(root, truth)
     assert main(["run", "--config", str(config), "--to", "split"]) == 0
     return root / "work", truth
 

@@ -10,10 +10,9 @@ import json
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 from sklearn.metrics import roc_auc_score
 
-from alt_rsna import write_alt_rsna
+from alt_rsna import write_alt_rsna, write_config
 from ich.cli import main
 from ich.constants import LABELS
 
@@ -22,16 +21,12 @@ from ich.constants import LABELS
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("full")
     truth = write_alt_rsna(root / "rsna", n_patients=10, slices=4, size=64, seed=5)
-    cfg = {"paths": {"labels_csv": str(truth["csv"]), "dicom_dir": str(truth["dicom_dir"]),
-                     "work_dir": str(root / "work"), "run_dir": str(root / "run")},
-           "sample": {"per_label": 1000, "exclude_ids": []},
-           "preprocess": {"image_size": 32, "workers": 2},
-           "augment": {"target_per_label": 20, "max_copies_per_image": 1, "workers": 1},
-           "model": {"image_size": 32, "fusion_dim": 16, "attention_heads": 2},
-           "train": {"batch_size": 8, "finetune_epochs": 1, "steps_per_epoch": 2},
-           "predict": {"workers": 2}}
-    config = root / "cfg.yaml"
-    config.write_text(yaml.safe_dump(cfg))
+    config = write_config(
+        root, truth,
+        augment={"target_per_label": 20, "max_copies_per_image": 1, "workers": 1},
+        model={"image_size": 32, "fusion_dim": 16, "attention_heads": 2},
+        train={"batch_size": 8, "finetune_epochs": 1, "steps_per_epoch": 2},
+        predict={"workers": 2})
     assert main(["run", "--config", str(config)]) == 0
     return root, config, truth
 
