@@ -6,6 +6,11 @@ export KERAS_BACKEND ?= torch
 # Quiet TensorFlow/JAX start-up chatter; nothing here needs a GPU.
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
+# The CPU torch wheel lies in /opt/wheels on the project's machines; elsewhere pip uses PyPI.
+ifneq ($(wildcard /opt/wheels),)
+export PIP_FIND_LINKS ?= /opt/wheels
+endif
+
 DEMO_DATA := data/synth
 DEMO_CONFIG := configs/demo.yaml
 
