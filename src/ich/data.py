@@ -8,7 +8,6 @@ and keras.utils.PyDataset batches of float32 images in [0, 1] with float32 label
 from __future__ import annotations
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
@@ -18,6 +17,8 @@ import numpy as np
 import pandas as pd
 
 from ich.constants import AUGMENTED_CSV, IMAGES_CSV, LABELS, PACKED_DIR, SPLITS_CSV
+from ich.io import outdated
+from ich.png import read_png  # noqa: F401  (part of this module's API)
 
 SPLITS = ("train", "val", "test")
 # Images decoded per chunk while packing: bounds memory to chunk * S * S * 3 bytes.
@@ -59,23 +60,6 @@ def _read_csv(path: Path, step: str, columns: list[str]) -> pd.DataFrame:
     if missing:
         raise ValueError(f"{path}: missing columns {missing}; run `ich {step} --force` to rewrite it")
     return table
-
-
-def read_png(path: str | Path, image_size: int) -> np.ndarray:
-    """Decode one PNG to uint8 RGB (image_size, image_size, 3), resized (INTER_AREA) if needed.
-
-    Raises ValueError naming the file when it is missing or cannot be decoded.
-    """
-    import cv2
-
-    image = cv2.imread(str(path), cv2.IMREAD_COLOR)
-    if image is None:
-        raise ValueError(f"{path}: missing or not a readable image; re-run `ich preprocess` "
-                         "(or `ich augment` for augmented/ files) with --force")
-    image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
-    if image.shape[:2] != (image_size, image_size):
-        image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_AREA)
-    return image
 
 
 def load_array(paths: Sequence[str | Path], image_size: int, workers: int) -> np.ndarray:
@@ -142,8 +126,7 @@ def _cache_fresh(npy: Path, ids_file: Path, ids: list[str], paths: list[str],
     if cached.shape != (len(ids), image_size, image_size, 3) or cached.dtype != np.uint8:
         return False
     # A PNG rewritten after packing (e.g. preprocess --force with other windows) stales it.
-    built = npy.stat().st_mtime_ns
-    return all(os.stat(p).st_mtime_ns <= built for p in paths)
+    return not outdated(npy, paths)
 
 
 class PngImages:

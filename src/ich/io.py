@@ -91,6 +91,20 @@ def progress(iterable=None, total: int | None = None, desc: str = "", unit: str 
                 smoothing=0.05)
 
 
+def mtime(path: str | Path) -> int | None:
+    """Modification time in ns, or None for a missing file (stamps record it for inputs)."""
+    path = Path(path)
+    return path.stat().st_mtime_ns if path.exists() else None
+
+
+def outdated(target: str | Path, inputs) -> bool:
+    """True when `target` is missing or any existing file of `inputs` was modified after it."""
+    built = mtime(target)
+    if built is None:
+        return True
+    return any((m := mtime(p)) is not None and m > built for p in inputs)
+
+
 def _stamp_path(work_dir: str | Path, step: str) -> Path:
     return Path(work_dir) / ".done" / f"{step}.json"
 

@@ -25,10 +25,11 @@ import numpy as np
 import pandas as pd
 
 from ich.augment import augment_copy, copy_seed, label_counts, offline_pipeline, plan_copies
-from ich.errors import StepError
 from ich.config import resolve_workers
+from ich.errors import StepError
+from ich.png import read_png
 from ich.constants import AUGMENTED_CSV, AUGMENTED_DIR, IMAGES_CSV, LABELS, PNG_DIR, SPLITS_CSV
-from ich.io import Timer, atomic_write_bytes, atomic_write_text, is_done, mark_done, progress, \
+from ich.io import Timer, atomic_write_bytes, atomic_write_text, is_done, mark_done, mtime, progress, \
     summary, write_csv
 
 log = logging.getLogger("ich")
@@ -55,10 +56,10 @@ def run(cfg: dict, force: bool = False) -> Path:
     if not splits_csv.is_file():
         raise StepError(f"{splits_csv} not found; run `ich split` first")
     settings = {"seed": cfg["seed"], "method": METHOD, "pixels": {k: aug[k] for k in PIXEL_KEYS},
-                "sources_mtime": _mtime(work / IMAGES_CSV)}
+                "sources_mtime": mtime(work / IMAGES_CSV)}
     params = {**settings, "enabled": aug["enabled"], "target_per_label": aug["target_per_label"],
               "max_copies_per_image": aug["max_copies_per_image"],
-              "splits_mtime": _mtime(splits_csv)}
+              "splits_mtime": mtime(splits_csv)}
     if not force and is_done(work, "augment", params, [out_csv]):
         log.info("augment: %s is up to date (use --force to redo)", out_csv)
         return out_csv
@@ -95,10 +96,6 @@ def run(cfg: dict, force: bool = False) -> Path:
                    timer)
     mark_done(work, "augment", params, line)
     return out_csv
-
-
-def _mtime(path: Path) -> int | None:
-    return path.stat().st_mtime_ns if path.is_file() else None
 
 
 def _train_rows(work: Path, splits_csv: Path) -> pd.DataFrame:
@@ -197,11 +194,11 @@ def augment_task(task: list, aug: dict, seed: int) -> tuple[int, list[tuple[str,
     pipeline = _PIPELINE[key]
     made, failures = 0, []
     for source, source_path, outs in task:
-        image = cv2.imread(source_path, cv2.IMREAD_COLOR)
-        if image is None:
-            failures.append((source, source_path, "missing or not a readable PNG"))
+        try:
+            image = read_png(source_path)  # native size: copies keep the source's
+        except ValueError as err:
+            failures.append((source, source_path, str(err)))
             continue
-        image = cv2.cvtColor(image, cv2.COLOR_BGR2RGB)
         for out_path, copy_seed_value in outs:
             copy = augment_copy(pipeline, image, copy_seed_value)
             ok, encoded = cv2.imencode(".png", cv2.cvtColor(copy, cv2.COLOR_RGB2BGR))

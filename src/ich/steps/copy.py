@@ -18,7 +18,7 @@ import pandas as pd
 
 from ich.errors import StepError
 from ich.constants import DICOM_DIR, MISSING_CSV, SAMPLED_CSV
-from ich.io import Timer, atomic_path, is_done, mark_done, progress, summary, write_csv
+from ich.io import Timer, atomic_path, is_done, mark_done, mtime, progress, summary, write_csv
 
 log = logging.getLogger("ich")
 
@@ -37,7 +37,7 @@ def run(cfg: dict, force: bool = False) -> Path:
         raise StepError(f"source DICOM folder {source_dir} not found; set paths.dicom_dir")
     ids = pd.read_csv(sampled_csv, usecols=["image_id"])["image_id"].tolist()
     params = {"dicom_dir": str(source_dir.resolve()), "mode": mode, "ids": len(ids),
-              "sampled_mtime": sampled_csv.stat().st_mtime_ns}
+              "sampled_mtime": mtime(sampled_csv)}
     if not force and is_done(work, "copy", params, [dest_dir, work / MISSING_CSV]):
         log.info("copy: %s is up to date (use --force to redo)", dest_dir)
         return dest_dir

@@ -20,6 +20,7 @@ import pandas as pd
 
 from ich.constants import (AUGMENTED_CSV, CASCADE_JSON, EVAL_DIR, HISTORY_DIR, LABELS, METRICS_JSON,
                            PREDICTIONS_CSV, REPORT_MD, SPLITS_CSV, STAGE1_MODEL, STAGE2_MODEL)
+from ich.io import outdated
 
 log = logging.getLogger("ich")
 
@@ -133,8 +134,7 @@ def is_complete(run_dir: Path, work_dir: Path) -> bool:
     inputs = [Path(run_dir) / STAGE1_MODEL, Path(run_dir) / STAGE2_MODEL, Path(work_dir) / SPLITS_CSV]
     if not all(p.is_file() for p in outputs + inputs):
         return False
-    done = (eval_dir / METRICS_JSON).stat().st_mtime_ns
-    return all(p.stat().st_mtime_ns <= done for p in inputs)
+    return not outdated(eval_dir / METRICS_JSON, inputs)
 
 
 def data_counts(work_dir: Path) -> dict[str, dict[str, int]]:

@@ -224,6 +224,7 @@ def decode_file(path: Path, windows: list[tuple[float, float]], size: int
                 ) -> tuple[Path, np.ndarray | None, dict]:
     """One input -> (path, uint8 RGB (size, size, 3), info) or (path, None, {"reason": ...})."""
     from ich.dicom import DicomError, read_hu
+    from ich.png import read_png
     from ich.windowing import hu_to_rgb
 
     try:
@@ -235,25 +236,6 @@ def decode_file(path: Path, windows: list[tuple[float, float]], size: int
         return path, None, {"reason": str(err)}
     except Exception as err:  # noqa: BLE001 - one bad file must never stop the others
         return path, None, {"reason": f"{type(err).__name__}: {err}"}
-
-
-def read_png(path: Path, size: int) -> np.ndarray:
-    """An 8-bit RGB PNG (windowed CT like work/png/) -> uint8 (size, size, 3); ValueError if not."""
-    import cv2
-
-    from ich.windowing import resize
-
-    image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
-    if image is None:
-        raise ValueError("not a readable PNG image")
-    if image.dtype != np.uint8:
-        raise ValueError(f"{image.dtype} PNG; expected 8-bit RGB of windowed CT (see work/png/)")
-    if image.ndim != 3 or image.shape[2] not in (3, 4):
-        channels = 1 if image.ndim == 2 else image.shape[2]
-        raise ValueError(f"{channels}-channel PNG; expected RGB with one CT window per channel "
-                         "(as `ich preprocess` writes them)")
-    rgb = cv2.cvtColor(image[..., :3], cv2.COLOR_BGR2RGB)  # OpenCV reads BGR(A)
-    return resize(rgb, size)
 
 
 def _windows(meta: dict, cfg: dict) -> list[tuple[float, float]]:

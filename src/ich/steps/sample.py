@@ -12,7 +12,7 @@ from pathlib import Path
 from ich import labels as labels_mod
 from ich.errors import StepError
 from ich.constants import LABELS, LABELS_CSV, SAMPLED_CSV
-from ich.io import Timer, is_done, mark_done, summary, write_csv
+from ich.io import Timer, is_done, mark_done, mtime, summary, write_csv
 
 log = logging.getLogger("ich")
 
@@ -23,7 +23,7 @@ def run(cfg: dict, force: bool = False) -> Path:
     source = Path(cfg["paths"]["labels_csv"])
     out_labels, out_sampled = work / LABELS_CSV, work / SAMPLED_CSV
     params = {"labels_csv": str(source.resolve()), "seed": cfg["seed"], **cfg["sample"],
-              "labels_mtime": source.stat().st_mtime_ns if source.is_file() else None}
+              "labels_mtime": mtime(source)}
     if not force and is_done(work, "sample", params, [out_labels, out_sampled]):
         log.info("sample: %s is up to date (use --force to redo)", out_sampled)
         return out_sampled

@@ -13,7 +13,7 @@ import pandas as pd
 
 from ich.errors import StepError
 from ich.constants import IMAGES_CSV, LABELS, SAMPLED_CSV, SPLITS_CSV
-from ich.io import Timer, is_done, mark_done, summary, write_csv
+from ich.io import Timer, is_done, mark_done, mtime, summary, write_csv
 from ich.splits import assign_splits, split_summary
 
 log = logging.getLogger("ich")
@@ -27,7 +27,7 @@ def run(cfg: dict, force: bool = False) -> Path:
         if not path.is_file():
             raise StepError(f"{path} not found; run `ich {step}` first")
     params = {"seed": cfg["seed"], **cfg["split"],
-              "images_mtime": images_csv.stat().st_mtime_ns, "sampled_mtime": sampled_csv.stat().st_mtime_ns}
+              "images_mtime": mtime(images_csv), "sampled_mtime": mtime(sampled_csv)}
     if not force and is_done(work, "split", params, [out]):
         log.info("split: %s is up to date (use --force to redo)", out)
         return out

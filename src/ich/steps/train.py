@@ -33,7 +33,7 @@ from ich import config as config_mod
 from ich.errors import StepError
 from ich.constants import (AUGMENTED_CSV, CASCADE_JSON, HISTORY_DIR, LABELS, LOGS_DIR, SPLITS_CSV,
                            STAGE1_MODEL, STAGE2_MODEL, SUBTYPES)
-from ich.io import Timer, summary, write_json
+from ich.io import Timer, outdated, summary, write_json
 
 log = logging.getLogger("ich")
 
@@ -110,11 +110,7 @@ def stale_stages(cfg: dict, run_dir: Path) -> list[str]:
         model = run_dir / STAGES[stage]
         if stage == "stage2" and cfg["model"]["stage2_from_stage1"]:
             inputs = inputs + [run_dir / STAGE1_MODEL]
-        if not model.is_file():
-            continue
-        built = model.stat().st_mtime_ns
-        if any(p.is_file() and p.stat().st_mtime_ns > built for p in inputs) or \
-                (stage == "stage2" and "stage1" in stale):
+        if model.is_file() and (outdated(model, inputs) or (stage == "stage2" and "stage1" in stale)):
             stale.append(stage)
     return stale
 
