@@ -36,7 +36,7 @@ def keras_images_per_s(stage: str, size: int, batch: int, steps: int, warmup: in
     """Training images/s of ich's stage model in Keras (random init, random data)."""
     import keras
 
-    from ich.losses import weighted_bce
+    from ich.models.losses import weighted_bce
     from ich.models.cascade import build_stage1, build_stage2
 
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")

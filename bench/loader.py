@@ -1,7 +1,7 @@
 """Loader throughput: decoding PNGs every epoch vs reading the packed memory-mapped cache.
 
 Writes synthetic 256x256 RGB PNGs (noise plus shapes, so they compress like real slices
-rather than like flat images) to a temp dir, then times one epoch of ich.data.Batches over
+rather than like flat images) to a temp dir, then times one epoch of ich.data.loading.Batches over
 each source with one decoding thread (images/s per core), and the one-off pack build.
 
     .venv/bin/python bench/loader.py [--images 500] [--size 256] [--batch 32]
@@ -21,7 +21,7 @@ import cv2  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from ich import data  # noqa: E402
+from ich.data import loading  # noqa: E402
 
 
 def synthetic_png(path: Path, size: int, rng: np.random.Generator) -> None:
@@ -38,7 +38,7 @@ def synthetic_png(path: Path, size: int, rng: np.random.Generator) -> None:
     cv2.imwrite(str(path), image)
 
 
-def epoch_rate(batches: data.Batches) -> float:
+def epoch_rate(batches: loading.Batches) -> float:
     """Images per second for one pass over `batches`."""
     start = time.perf_counter()
     n = sum(len(batches[i][0]) for i in range(len(batches)))
@@ -63,14 +63,14 @@ def main() -> None:
         table = pd.DataFrame({"image_id": [p.stem for p in paths], "path": [str(p) for p in paths]})
         labels = np.zeros((len(paths), 1), np.float32)
 
-        png = data.Batches.from_paths(table["path"], labels, args.size, args.batch, shuffle=True,
+        png = loading.Batches.from_paths(table["path"], labels, args.size, args.batch, shuffle=True,
                                       seed=0, decode_workers=1)
         png_rate = epoch_rate(png)
 
         start = time.perf_counter()
-        images = data.packed(work, "train", table, args.size, workers=1)
+        images = loading.packed(work, "train", table, args.size, workers=1)
         build_s = time.perf_counter() - start
-        packed = data.Batches(images, labels, args.batch, shuffle=True, seed=0)
+        packed = loading.Batches(images, labels, args.batch, shuffle=True, seed=0)
         packed_rate = epoch_rate(packed)
 
     print(f"{args.images} synthetic {args.size}x{args.size} RGB PNGs ({mb:.1f} MB), "

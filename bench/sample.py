@@ -1,6 +1,6 @@
 """Benchmark: parse an RSNA-sized long CSV (752,803 images x 6 rows) to the wide table.
 
-Compares ich.labels (pyarrow + numpy) with the notebook way (pandas read_csv, str.split on the
+Compares ich.data.labels (pyarrow + numpy) with the notebook way (pandas read_csv, str.split on the
 ID, drop_duplicates, pivot_table), in the same run, on the same file; prints seconds, rows/s,
 peak RSS of each (each in its own subprocess) and the ratio.
 
@@ -22,7 +22,7 @@ RSNA_ORDER = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid"
 
 ICH = """
 import time, resource, sys
-from ich.labels import read_long_csv, long_to_wide
+from ich.data.labels import read_long_csv, long_to_wide
 t = time.perf_counter()
 wide = long_to_wide(read_long_csv(sys.argv[1]))
 print({"seconds": time.perf_counter() - t, "images": len(wide),
@@ -66,13 +66,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(tmp) / "stage_2_train.csv"
         rows = write_csv(csv, args.images)
-        results = {"ich.labels": measure(ICH, csv), "notebook pandas": measure(NOTEBOOK, csv)}
+        results = {"ich.data.labels": measure(ICH, csv), "notebook pandas": measure(NOTEBOOK, csv)}
     print(f"{rows:,} rows, {args.images:,} images")
     print(f"{'method':<18}{'seconds':>10}{'rows/s':>14}{'peak RSS MB':>14}")
     for name, r in results.items():
         assert r["images"] == args.images, r
         print(f"{name:<18}{r['seconds']:>10.2f}{rows / r['seconds']:>14,.0f}{r['rss_mb']:>14,.0f}")
-    ratio = results["notebook pandas"]["seconds"] / results["ich.labels"]["seconds"]
+    ratio = results["notebook pandas"]["seconds"] / results["ich.data.labels"]["seconds"]
     print(f"speed-up: {ratio:.1f}x")
     print(json.dumps({"speedup": ratio}))
 

@@ -57,13 +57,13 @@ def fixed_images(n: int = 3, seed: int = 1) -> np.ndarray:
 
 
 def _predict(run_dir: str, images: str, out: str) -> None:
-    from ich.inference import load_cascade
+    from ich.evaluation.inference import load_cascade
 
     np.save(out, load_cascade(Path(run_dir)).predict(np.load(images), batch_size=BATCH))
 
 
 def _smoke(run_dir: str, kind: str) -> None:
-    from ich.inference import combine, load_cascade
+    from ich.evaluation.inference import combine, load_cascade
 
     stage1, stage2 = train_tiny_cascade(Path(run_dir), kind=kind)
     images = fixed_images()

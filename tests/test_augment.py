@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from ich import config
-from ich.augment import augment_copy, copy_seed, offline_pipeline, plan_copies
+from ich.data.offline_augment import augment_copy, copy_seed, offline_pipeline, plan_copies
 from ich.cli import StepError
 from ich.constants import AUGMENTED_CSV, AUGMENTED_DIR, LABELS, PNG_DIR, SPLITS_CSV
 from tiny_workdir import ROWS, SIZE, image_for, make_workdir

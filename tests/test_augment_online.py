@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from ich import config
-from ich.augment import online_augmentation
-from ich.warp import RandomWarp, bilinear_sample
+from ich.models.online_augment import online_augmentation
+from ich.models.warp import RandomWarp, bilinear_sample
 
 
 def params(**changes) -> dict:
@@ -107,7 +107,7 @@ def test_survives_save_and_load_inside_a_model(tmp_path):
 JAX_SCRIPT = """
 import warnings, numpy as np, keras
 from ich import config
-from ich.augment import online_augmentation
+from ich.models.online_augment import online_augmentation
 inputs = keras.Input((16, 16, 3))
 x = online_augmentation(config.load()["online_augment"] | {"elastic_p": 0.5}, 0)(inputs)
 outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.GlobalAveragePooling2D()(x))

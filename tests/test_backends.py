@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from backend_check import BATCH, fixed_images, train_tiny_cascade
-from ich.inference import combine, load_cascade
+from ich.evaluation.inference import combine, load_cascade
 
 SCRIPT = Path(__file__).with_name("backend_check.py")
 

@@ -9,7 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ich import data
+from ich.data import loading
 from ich.constants import AUGMENTED_CSV, LABELS, PNG_DIR, SPLITS_CSV
 from tiny_workdir import SIZE, image_for, make_workdir
 
@@ -29,32 +29,32 @@ def add_augmented(work: Path) -> None:
 
 def test_split_table_joins_paths_and_adds_augmented_rows_to_train_only(work):
     add_augmented(work)
-    train = data.split_table(work, "train", include_augmented=True)
+    train = loading.split_table(work, "train", include_augmented=True)
     assert list(train.columns) == ["image_id", "path", *LABELS]
     assert train["image_id"].tolist() == ["ID_a", "ID_b", "ID_c", "ID_d", "ID_e", "ID_f", "ID_a__aug1"]
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in train["path"])
     assert train.loc[6, "path"] == str(work / "augmented/ID_a__aug1.png")
     assert train.loc[0, list(LABELS)].tolist() == [1, 1, 0, 0, 0, 1]
-    assert len(data.split_table(work, "train", include_augmented=False)) == 6
-    val = data.split_table(work, "val", include_augmented=True)
+    assert len(loading.split_table(work, "train", include_augmented=False)) == 6
+    val = loading.split_table(work, "val", include_augmented=True)
     assert val["image_id"].tolist() == ["ID_v1", "ID_v2"]
 
 
 def test_split_table_errors_name_the_file_and_step(work):
     with pytest.raises(ValueError, match="unknown split"):
-        data.split_table(work, "training", include_augmented=False)
+        loading.split_table(work, "training", include_augmented=False)
     (work / SPLITS_CSV).unlink()
     with pytest.raises(FileNotFoundError, match=r"splits\.csv.*ich split"):
-        data.split_table(work, "train", include_augmented=False)
+        loading.split_table(work, "train", include_augmented=False)
 
 
 def test_load_array_decodes_in_order_and_resizes(work):
     paths = [work / PNG_DIR / f"{i}.png" for i in ("ID_c", "ID_a")]
-    array = data.load_array(paths, SIZE, workers=2)
+    array = loading.load_array(paths, SIZE, workers=2)
     assert array.shape == (2, SIZE, SIZE, 3) and array.dtype == np.uint8
     np.testing.assert_array_equal(array[0], image_for("ID_c"))
     np.testing.assert_array_equal(array[1], image_for("ID_a"))
-    small = data.load_array(paths, 16, workers=1)
+    small = loading.load_array(paths, 16, workers=1)
     expected = cv2.resize(image_for("ID_c"), (16, 16), interpolation=cv2.INTER_AREA)
     np.testing.assert_array_equal(small[0], expected)
 
@@ -63,36 +63,36 @@ def test_load_array_names_a_bad_file(work):
     bad = work / PNG_DIR / "ID_b.png"
     bad.write_bytes(b"\x89PNG broken")
     with pytest.raises(ValueError, match="ID_b.png"):
-        data.load_array([work / PNG_DIR / "ID_a.png", bad], SIZE, workers=2)
+        loading.load_array([work / PNG_DIR / "ID_a.png", bad], SIZE, workers=2)
     with pytest.raises(ValueError, match="nowhere.png"):
-        data.load_array([work / "nowhere.png"], SIZE, workers=1)
+        loading.load_array([work / "nowhere.png"], SIZE, workers=1)
 
 
 def test_packed_cache_is_built_reused_and_rebuilt(work):
-    table = data.split_table(work, "train", include_augmented=False)
-    images = data.packed(work, "train", table, SIZE, workers=2)
+    table = loading.split_table(work, "train", include_augmented=False)
+    images = loading.packed(work, "train", table, SIZE, workers=2)
     assert isinstance(images, np.memmap) and images.shape == (6, SIZE, SIZE, 3)
     assert not images.flags.writeable
-    np.testing.assert_array_equal(images, data.load_array(table["path"].tolist(), SIZE, 1))
+    np.testing.assert_array_equal(images, loading.load_array(table["path"].tolist(), SIZE, 1))
     npy = work / "packed" / f"train_{SIZE}.npy"
     ids = work / "packed" / f"train_{SIZE}.ids.txt"
     assert ids.read_text().split() == table["image_id"].tolist()
     built = npy.stat().st_mtime_ns
 
-    data.packed(work, "train", table, SIZE)                     # same ids: reused
+    loading.packed(work, "train", table, SIZE)                     # same ids: reused
     assert npy.stat().st_mtime_ns == built
 
     fewer = table.iloc[1:].reset_index(drop=True)               # other ids: rebuilt
-    again = data.packed(work, "train", fewer, SIZE)
+    again = loading.packed(work, "train", fewer, SIZE)
     assert again.shape[0] == 5 and ids.read_text().split() == fewer["image_id"].tolist()
     np.testing.assert_array_equal(again[0], image_for("ID_b"))
 
     hour_ago = npy.stat().st_mtime_ns - 3600 * 10**9           # a PNG rewritten after packing
     os.utime(npy, ns=(hour_ago, hour_ago))
-    data.packed(work, "train", fewer, SIZE)
+    loading.packed(work, "train", fewer, SIZE)
     rebuilt = npy.stat().st_mtime_ns
     assert rebuilt > hour_ago
-    data.packed(work, "train", fewer, SIZE)
+    loading.packed(work, "train", fewer, SIZE)
     assert npy.stat().st_mtime_ns == rebuilt
     assert not list((work / "packed").glob(".*tmp*"))
 
@@ -100,7 +100,7 @@ def test_packed_cache_is_built_reused_and_rebuilt(work):
 def test_batches_shapes_range_len_and_last_partial_batch():
     images = np.arange(7 * 2 * 2 * 3, dtype=np.uint8).reshape(7, 2, 2, 3)
     labels = np.arange(7, dtype=np.float32)[:, None]
-    batches = data.Batches(images, labels, batch_size=3, shuffle=False, seed=0)
+    batches = loading.Batches(images, labels, batch_size=3, shuffle=False, seed=0)
     assert len(batches) == 3 == math.ceil(7 / 3)
     sizes = [len(batches[i][0]) for i in range(len(batches))]
     assert sizes == [3, 3, 1]
@@ -120,8 +120,8 @@ def epoch(batches) -> list:
 def test_batches_shuffle_is_deterministic_per_seed_and_epoch():
     images = np.zeros((10, 1, 1, 3), np.uint8)
     labels = np.arange(10, dtype=np.float32)
-    a = data.Batches(images, labels, 4, shuffle=True, seed=5)
-    b = data.Batches(images, labels, 4, shuffle=True, seed=5)
+    a = loading.Batches(images, labels, 4, shuffle=True, seed=5)
+    b = loading.Batches(images, labels, 4, shuffle=True, seed=5)
     first = epoch(a)
     assert first == epoch(b)
     assert sorted(sum(first, [])) == list(range(10))          # every row once per epoch
@@ -130,21 +130,21 @@ def test_batches_shuffle_is_deterministic_per_seed_and_epoch():
     assert second != first and sorted(sum(second, [])) == list(range(10))
     b.on_epoch_end()
     assert epoch(b) == second
-    assert epoch(data.Batches(images, labels, 4, shuffle=True, seed=6)) != first
+    assert epoch(loading.Batches(images, labels, 4, shuffle=True, seed=6)) != first
 
 
 def test_batches_read_a_memmap_subset_and_from_paths(work):
-    table = data.split_table(work, "train", include_augmented=False)
+    table = loading.split_table(work, "train", include_augmented=False)
     labels = table[list(LABELS)].to_numpy(np.float32)
-    images = data.packed(work, "train", table, SIZE)
-    subset = data.Batches(images, labels, 2, shuffle=False, seed=0, indices=np.array([3, 1]))
+    images = loading.packed(work, "train", table, SIZE)
+    subset = loading.Batches(images, labels, 2, shuffle=False, seed=0, indices=np.array([3, 1]))
     assert len(subset) == 1
     x, y = subset[0]
     np.testing.assert_array_equal(y, labels[[1, 3]])
     np.testing.assert_allclose(x * 255.0, images[[1, 3]], atol=1e-3)
-    lazy = data.Batches.from_paths(table["path"], labels, SIZE, 4, shuffle=True, seed=1,
+    lazy = loading.Batches.from_paths(table["path"], labels, SIZE, 4, shuffle=True, seed=1,
                                    decode_workers=2)
-    eager = data.Batches(images, labels, 4, shuffle=True, seed=1)
+    eager = loading.Batches(images, labels, 4, shuffle=True, seed=1)
     for i in range(len(eager)):
         np.testing.assert_array_equal(lazy[i][0], eager[i][0])
         np.testing.assert_array_equal(lazy[i][1], eager[i][1])
@@ -159,7 +159,7 @@ def test_batches_feed_keras_fit():
     outputs = keras.layers.Dense(1, activation="sigmoid")(keras.layers.Flatten()(inputs))
     model = keras.Model(inputs, outputs)
     model.compile("adam", "binary_crossentropy")
-    batches = data.Batches(images, labels, 4, shuffle=True, seed=0)
+    batches = loading.Batches(images, labels, 4, shuffle=True, seed=0)
     history = model.fit(batches, epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2
     # Keras calls on_epoch_end after each epoch (and once more when fit starts): reshuffled.
@@ -169,11 +169,11 @@ def test_batches_feed_keras_fit():
 def test_positive_weights_hand_computed():
     labels = np.array([[1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 1, 0]])
     # column 0: 3 neg / 1 pos = 3 -> capped at 2.5; column 1: 2/2 = 1; column 2: no positives.
-    np.testing.assert_allclose(data.positive_weights(labels, cap=2.5), [2.5, 1.0, 2.5])
-    assert data.positive_weights(labels, cap=2.5).dtype == np.float32
+    np.testing.assert_allclose(loading.positive_weights(labels, cap=2.5), [2.5, 1.0, 2.5])
+    assert loading.positive_weights(labels, cap=2.5).dtype == np.float32
 
 
 def test_class_weights_balanced_hand_computed():
-    weights = data.class_weights(np.array([[1], [0], [0], [0]]))
+    weights = loading.class_weights(np.array([[1], [0], [0], [0]]))
     assert weights == pytest.approx({0: 4 / 6, 1: 2.0})
-    assert data.class_weights(np.zeros(3)) == pytest.approx({0: 0.5, 1: 1.0})
+    assert loading.class_weights(np.zeros(3)) == pytest.approx({0: 0.5, 1: 1.0})

@@ -1,4 +1,4 @@
-"""ich.dicom: HU conversion by hand, every RSNA storage variant, real files, bad files."""
+"""ich.data.dicom: HU conversion by hand, every RSNA storage variant, real files, bad files."""
 
 import logging
 import math
@@ -14,7 +14,7 @@ from pydicom.encaps import encapsulate
 from pydicom.uid import RLELossless
 
 from alt_rsna import read_back, write_alt_rsna
-from ich.dicom import DicomError, needs_intercept_fix, read_hu, slice_position, to_hu
+from ich.data.dicom import DicomError, needs_intercept_fix, read_hu, slice_position, to_hu
 
 
 # ---- pure helpers, hand-computed ------------------------------------------------------------

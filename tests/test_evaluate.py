@@ -11,7 +11,7 @@ import pytest
 from ich import config
 from ich.constants import (CASCADE_JSON, EVAL_DIR, HISTORY_DIR, IMAGES_CSV, LABELS, METRICS_JSON,
                            PNG_DIR, PREDICTIONS_CSV, REPORT_MD, SPLITS_CSV)
-from ich.metrics import choose_threshold, evaluate_all
+from ich.evaluation.metrics import choose_threshold, evaluate_all
 from ich.steps import evaluate
 from tiny_cascade import expected_probs, red_images, save_tiny_cascade
 

@@ -1,4 +1,4 @@
-"""ich.inference: loading a saved cascade and the cascade probabilities."""
+"""ich.evaluation.inference: loading a saved cascade and the cascade probabilities."""
 
 import json
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ich.constants import CASCADE_JSON, LABELS, STAGE2_MODEL
-from ich.inference import combine, load_cascade, n_batches
+from ich.evaluation.inference import combine, load_cascade, n_batches
 from tiny_cascade import expected_probs, red_images, save_tiny_cascade
 
 

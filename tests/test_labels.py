@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ich import labels
+from ich.data import labels
 from ich.constants import LABELS, RSNA_ORDER
 
 

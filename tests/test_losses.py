@@ -7,7 +7,7 @@ import pytest
 
 import keras
 
-from ich.losses import WeightedBCE, weighted_bce
+from ich.models.losses import WeightedBCE, weighted_bce
 
 
 def value(loss, y, p):

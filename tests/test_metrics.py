@@ -1,4 +1,4 @@
-"""ich.metrics: hand-computed cases, then agreement with scikit-learn on random data."""
+"""ich.evaluation.metrics: hand-computed cases, then agreement with scikit-learn on random data."""
 
 import json
 import math
@@ -9,7 +9,7 @@ from sklearn.metrics import (accuracy_score, average_precision_score, confusion_
                              log_loss, precision_score, recall_score, roc_auc_score)
 
 from ich.constants import LABELS
-from ich.metrics import choose_threshold, evaluate_all, label_metrics, rsna_weighted_log_loss
+from ich.evaluation.metrics import choose_threshold, evaluate_all, label_metrics, rsna_weighted_log_loss
 
 # Four images: positives scored 0.35 and 0.8, negatives 0.1 and 0.4.
 Y4 = [0, 0, 1, 1]

@@ -1,10 +1,10 @@
-"""ich.png.read_png: RGB order, resizing, and clear errors for PNGs that are not windowed CT."""
+"""ich.data.png.read_png: RGB order, resizing, and clear errors for PNGs that are not windowed CT."""
 
 import cv2
 import numpy as np
 import pytest
 
-from ich.png import read_png
+from ich.data.png import read_png
 
 
 def test_rgb_order_and_sizes(tmp_path):

@@ -9,9 +9,9 @@ from ich import config
 from ich.cli import StepError, main
 from ich.constants import (FAILURES_CSV, LABELS, PREDICTIONS_CSV, RSNA_ORDER, STUDIES_CSV,
                            SUBMISSION_CSV)
-from ich.dicom import read_hu
+from ich.data.dicom import read_hu
 from ich.steps.predict import find_inputs, predict_paths
-from ich.windowing import hu_to_rgb
+from ich.data.windowing import hu_to_rgb
 from tiny_cascade import expected_probs, red_images, save_tiny_cascade
 
 SIZE = 16

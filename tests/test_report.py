@@ -1,4 +1,4 @@
-"""ich.report (plots + markdown) and ich.report_path."""
+"""ich.evaluation.report (plots + markdown) and ich.report_path."""
 
 import json
 import re
@@ -7,8 +7,8 @@ import numpy as np
 import pandas as pd
 
 from ich.constants import EVAL_DIR, LABELS, METRICS_JSON, REPORT_MD
-from ich.metrics import evaluate_all
-from ich.report import fmt, md_table, pick_examples, write_report
+from ich.evaluation.metrics import evaluate_all
+from ich.evaluation.report import fmt, md_table, pick_examples, write_report
 from ich.report_path import main as report_path_main
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from ich.splits import assign_splits, patient_label_matrix, split_summary
+from ich.data.splits import assign_splits, patient_label_matrix, split_summary
 
 
 def test_patient_label_matrix_is_max_over_images():

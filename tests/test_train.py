@@ -167,8 +167,8 @@ def test_val_split_without_positives_is_a_clear_error(tmp_path):
 def test_export_of_a_mixed_precision_model_is_float32(tmp_path):
     """GPU runs train under mixed_float16; the saved model must be plain float32 for CPU use."""
     import ich.models  # noqa: F401
-    from ich.augment import online_augmentation
-    from ich.callbacks import BestModel
+    from ich.models.online_augment import online_augmentation
+    from ich.training.callbacks import BestModel
     from ich.steps.train import _export, build_model
 
     cfg = tiny_cfg(tmp_path)
@@ -192,7 +192,7 @@ def test_export_of_a_mixed_precision_model_is_float32(tmp_path):
 
 
 def test_steps_per_epoch_cap_takes_a_fresh_random_subset_each_epoch():
-    from ich.data import Batches
+    from ich.data.loading import Batches
     from ich.steps.train import _cap_epoch
 
     images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1).repeat(3, axis=-1)

@@ -1,4 +1,4 @@
-"""ich.callbacks: resume bookkeeping, best-model saving, TensorBoard, fit with a tiny model."""
+"""ich.training.callbacks: resume bookkeeping, best-model saving, TensorBoard, fit with a tiny model."""
 
 import csv
 import json
@@ -9,7 +9,7 @@ import pytest
 
 import keras
 
-from ich.callbacks import (BestModel, TensorBoardX, patience_state, phase_callbacks, read_best,
+from ich.training.callbacks import (BestModel, TensorBoardX, patience_state, phase_callbacks, read_best,
                            resume_epoch, trim_history)
 
 
@@ -144,7 +144,7 @@ def test_nan_loss_raises(tmp_path):
 
 
 def test_resumed_early_stopping_counts_epochs_from_before_the_kill():
-    from ich.callbacks import ResumableEarlyStopping
+    from ich.training.callbacks import ResumableEarlyStopping
 
     cb = ResumableEarlyStopping(monitor="val_auc", mode="max", patience=3, resume_best=0.8, resume_wait=2)
     cb.set_model(tiny_model())

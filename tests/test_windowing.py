@@ -1,9 +1,9 @@
-"""ich.windowing: hand-computed window values, padding, resizing, RGB channel order."""
+"""ich.data.windowing: hand-computed window values, padding, resizing, RGB channel order."""
 
 import numpy as np
 import pytest
 
-from ich.windowing import AIR_HU, hu_to_rgb, pad_to_square, resize, window, window_uint8
+from ich.data.windowing import AIR_HU, hu_to_rgb, pad_to_square, resize, window, window_uint8
 
 BLOOD, BRAIN, BONE = (80, 200), (40, 80), (600, 2800)
 

@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ich.augment import augment_copy, copy_seed, label_counts, offline_pipeline, plan_copies
+from ich.data.offline_augment import augment_copy, copy_seed, label_counts, offline_pipeline, plan_copies
 from ich.config import resolve_workers
 from ich.errors import StepError
-from ich.png import read_png
+from ich.data.png import read_png
 from ich.constants import AUGMENTED_CSV, AUGMENTED_DIR, IMAGES_CSV, LABELS, PNG_DIR, SPLITS_CSV
 from ich.io import Timer, atomic_write_bytes, atomic_write_text, is_done, mark_done, mtime, progress, \
     summary, write_csv

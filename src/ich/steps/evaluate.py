@@ -1,10 +1,10 @@
 """Step 7, `ich evaluate`: thresholds on val, metrics and the report on test.
 
 In: run_dir/cascade.json, stage1.keras, stage2.keras (from `ich train`), the val and test splits
-of work_dir (splits.csv, images.csv, PNGs; read through ich.data's packed cache), run_dir/history/
+of work_dir (splits.csv, images.csv, PNGs; read through ich.data.loading's packed cache), run_dir/history/
 and the config (evaluate.threshold_method, evaluate.report_examples, predict.batch_size).
 Out: per-label thresholds chosen on val, written into cascade.json (other keys kept), and in
-run_dir/eval/: metrics.json (ich.metrics.evaluate_all's shape), predictions.csv (image_id and one
+run_dir/eval/: metrics.json (ich.evaluation.metrics.evaluate_all's shape), predictions.csv (image_id and one
 probability column per label), test_labels.csv (image_id and the true 0/1 labels), report.md
 with its plots. Skipped when metrics.json is newer than the models and the splits, unless force.
 """
@@ -31,15 +31,15 @@ def run(cfg: dict, force: bool = False) -> Path:
     """Evaluate the trained cascade of cfg.paths.run_dir; return the path of eval/metrics.json."""
     from ich.backend import select_backend
 
-    # Before anything imports keras (ich.data does): Keras reads KERAS_BACKEND once, at import.
+    # Before anything imports keras (ich.data.loading does): Keras reads KERAS_BACKEND once, at import.
     select_backend(cfg["train"]["backend"])
-    from ich import data
+    from ich.data import loading
     from ich.errors import StepError
     from ich.config import resolve_workers
-    from ich.inference import load_cascade
+    from ich.evaluation.inference import load_cascade
     from ich.io import Timer, summary, write_csv, write_json
-    from ich.metrics import DEFAULT_THRESHOLD, choose_threshold, evaluate_all
-    from ich.report import fmt, pick_examples, write_report
+    from ich.evaluation.metrics import DEFAULT_THRESHOLD, choose_threshold, evaluate_all
+    from ich.evaluation.report import fmt, pick_examples, write_report
 
     run_dir = Path(cfg["paths"]["run_dir"])
     work_dir = Path(cfg["paths"]["work_dir"])
@@ -59,8 +59,8 @@ def run(cfg: dict, force: bool = False) -> Path:
     workers = resolve_workers(cfg["data"]["workers"])
     splits = {}
     for split in ("val", "test"):
-        table = data.split_table(work_dir, split, include_augmented=False)
-        images = data.packed(work_dir, split, table, cascade.image_size, workers=workers)
+        table = loading.split_table(work_dir, split, include_augmented=False)
+        images = loading.packed(work_dir, split, table, cascade.image_size, workers=workers)
         splits[split] = (table, images, predict_split(cascade, images, batch_size, split))
     test_table, test_images, test_prob = splits["test"]
     if len(test_table) == 0:
@@ -103,7 +103,7 @@ def run(cfg: dict, force: bool = False) -> Path:
 
 def predict_split(cascade, images, batch_size: int, split: str) -> np.ndarray:
     """(N, 6) probabilities for one split's images, with a progress bar."""
-    from ich.inference import n_batches
+    from ich.evaluation.inference import n_batches
     from ich.io import progress
 
     out = np.empty((len(images), len(LABELS)), dtype=np.float32)

@@ -12,7 +12,7 @@ Out, in out_dir:
   maximum probability over its slices. PNG inputs carry no study, so they are left out of it.
 - failures.csv: path, reason for every input that could not be read (logged and skipped).
 
-DICOMs get exactly the training preprocessing: `ich.dicom.read_hu`, then `ich.windowing.hu_to_rgb`
+DICOMs get exactly the training preprocessing: `ich.data.dicom.read_hu`, then `ich.data.windowing.hu_to_rgb`
 with the windows, channel order and image size recorded in cascade.json. Decoding runs in
 predict.workers processes, one block ahead of the model, so memory stays bounded for any number
 of files. Fails (StepError) only when no input at all could be predicted.
@@ -49,7 +49,7 @@ def predict_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict) ->
     from ich.errors import StepError
     from ich.config import resolve_workers
     from ich.constants import FAILURES_CSV, PREDICTIONS_CSV, STUDIES_CSV, SUBMISSION_CSV
-    from ich.inference import load_cascade
+    from ich.evaluation.inference import load_cascade
     from ich.io import Timer, progress, summary, write_csv
 
     timer = Timer()
@@ -223,9 +223,9 @@ def decode_all(files: list[Path], windows: list[tuple[float, float]], size: int,
 def decode_file(path: Path, windows: list[tuple[float, float]], size: int
                 ) -> tuple[Path, np.ndarray | None, dict]:
     """One input -> (path, uint8 RGB (size, size, 3), info) or (path, None, {"reason": ...})."""
-    from ich.dicom import DicomError, read_hu
-    from ich.png import read_png
-    from ich.windowing import hu_to_rgb
+    from ich.data.dicom import DicomError, read_hu
+    from ich.data.png import read_png
+    from ich.data.windowing import hu_to_rgb
 
     try:
         if path.suffix.lower() == PNG_SUFFIX:

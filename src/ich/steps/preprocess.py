@@ -96,8 +96,8 @@ def process_chunk(paths: list[str], work_dir: str, windows: list[tuple[float, fl
     """
     import cv2
 
-    from ich.dicom import DicomError, read_hu
-    from ich.windowing import hu_to_rgb
+    from ich.data.dicom import DicomError, read_hu
+    from ich.data.windowing import hu_to_rgb
 
     work = Path(work_dir)
     rows = []

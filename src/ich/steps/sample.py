@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from ich import labels as labels_mod
+from ich.data import labels
 from ich.errors import StepError
 from ich.constants import LABELS, LABELS_CSV, SAMPLED_CSV
 from ich.io import Timer, is_done, mark_done, mtime, summary, write_csv
@@ -30,23 +30,23 @@ def run(cfg: dict, force: bool = False) -> Path:
 
     timer = Timer()
     try:
-        table = labels_mod.read_long_csv(source)
-        wide = labels_mod.long_to_wide(table, source=str(source))
-    except labels_mod.LabelError as err:
+        table = labels.read_long_csv(source)
+        wide = labels.long_to_wide(table, source=str(source))
+    except labels.LabelError as err:
         raise StepError(str(err)) from err
-    duplicates = labels_mod.duplicate_row_count(table)
+    duplicates = labels.duplicate_row_count(table)
     if duplicates:
         log.info("sample: dropped %d duplicated rows of %s", duplicates, source)
-    mismatched = labels_mod.any_mismatches(wide)
+    mismatched = labels.any_mismatches(wide)
     if len(mismatched):
         log.warning("sample: %d image(s) have `any` different from the OR of their subtypes, "
                     "e.g. %s; labels kept as given", len(mismatched), ", ".join(mismatched[:5]))
-    sampled = labels_mod.balanced_sample(wide, cfg["sample"]["per_label"], cfg["seed"],
+    sampled = labels.balanced_sample(wide, cfg["sample"]["per_label"], cfg["seed"],
                                          exclude=cfg["sample"]["exclude_ids"])
     write_csv(wide, out_labels)
     write_csv(sampled, out_sampled)
 
-    before, after = labels_mod.label_counts(wide), labels_mod.label_counts(sampled)
+    before, after = labels.label_counts(wide), labels.label_counts(sampled)
     log.info("sample: %-18s %10s %10s", "label", "all", "sampled")
     for key in ("images", *LABELS, "negatives"):
         log.info("sample: %-18s %10d %10d", key, before[key], after[key])

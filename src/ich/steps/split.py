@@ -14,7 +14,7 @@ import pandas as pd
 from ich.errors import StepError
 from ich.constants import IMAGES_CSV, LABELS, SAMPLED_CSV, SPLITS_CSV
 from ich.io import Timer, is_done, mark_done, mtime, summary, write_csv
-from ich.splits import assign_splits, split_summary
+from ich.data.splits import assign_splits, split_summary
 
 log = logging.getLogger("ich")
 

@@ -1,6 +1,6 @@
 """Step 6, train: the two-stage cascade from the split (and augmented) PNGs.
 
-In: work_dir/splits.csv, png/, augmented.csv (ich.data reads them); config sections model, train,
+In: work_dir/splits.csv, png/, augmented.csv (ich.data.loading reads them); config sections model, train,
 online_augment, data, seed, paths. Out, in run_dir:
   stage1.keras, stage2.keras  best checkpoints (by validation AUC), float32, no optimizer
   cascade.json                the shared cascade description (thresholds 0.5 until evaluate)
@@ -154,7 +154,7 @@ def _train_stage(cfg: dict, stage: str, run_dir: Path, jit: bool) -> None:
     import keras
 
     from ich import backend
-    from ich.augment import online_augmentation
+    from ich.models.online_augment import online_augmentation
     from ich.models.cascade import set_backbone_trainable
 
     train = cfg["train"]
@@ -244,7 +244,7 @@ def phase_epochs(train: dict, stage: str, phase: str) -> int:
 def _fit(model, cfg, stage, phase, run_dir, batches, val_batches, epochs, class_weight,
          offset, best_path) -> tuple[int, int]:
     """Run one phase with its callbacks; return (first epoch run now, epochs finished in all)."""
-    from ich.callbacks import phase_callbacks, resume_epoch
+    from ich.training.callbacks import phase_callbacks, resume_epoch
 
     train = cfg["train"]
     backup_dir = run_dir / BACKUP_DIR / f"{stage}_{phase}"
@@ -282,7 +282,7 @@ def stage_data(cfg: dict, stage: str, seed: int):
     stage 2: the rows positive for any, against the SUBTYPES columns (picked by index from the
     same packed cache as stage 1, so no second copy of the images is made).
     """
-    from ich import data
+    from ich.data import loading
 
     work = Path(cfg["paths"]["work_dir"])
     size, bs = int(cfg["model"]["image_size"]), int(cfg["train"]["batch_size"])
@@ -291,7 +291,7 @@ def stage_data(cfg: dict, stage: str, seed: int):
     out = []
     for split in ("train", "val"):
         try:
-            table = data.split_table(work, split, include_augmented=cfg["augment"]["enabled"])
+            table = loading.split_table(work, split, include_augmented=cfg["augment"]["enabled"])
         except ValueError as err:
             raise StepError(str(err)) from err
         rows = np.arange(len(table)) if stage == "stage1" else np.flatnonzero(table["any"].to_numpy() == 1)
@@ -303,10 +303,10 @@ def stage_data(cfg: dict, stage: str, seed: int):
         labels = table[columns].to_numpy(dtype=np.float32)
         shuffle = split == "train"
         if cfg["data"]["cache"] == "packed":
-            images = data.packed(work, split, table, size, workers)
-            batches = data.Batches(images, labels, bs, shuffle=shuffle, seed=seed, indices=rows)
+            images = loading.packed(work, split, table, size, workers)
+            batches = loading.Batches(images, labels, bs, shuffle=shuffle, seed=seed, indices=rows)
         else:
-            batches = data.Batches.from_paths(table["path"].tolist(), labels, size, bs, shuffle=shuffle,
+            batches = loading.Batches.from_paths(table["path"].tolist(), labels, size, bs, shuffle=shuffle,
                                               seed=seed, decode_workers=workers, indices=rows)
         out += [batches]
         if split == "train":
@@ -319,15 +319,15 @@ def _loss(cfg: dict, stage: str, y_train):
     positive weights inside the BCE for stage 2 (class_weight would use the argmax label)."""
     import keras
 
-    from ich import data
-    from ich.losses import weighted_bce
+    from ich.data import loading
+    from ich.models.losses import weighted_bce
 
     train = cfg["train"]
     if stage == "stage1":
-        weights = data.class_weights(y_train[:, 0]) if train["class_weight"] == "balanced" else None
+        weights = loading.class_weights(y_train[:, 0]) if train["class_weight"] == "balanced" else None
         return keras.losses.BinaryCrossentropy(), weights
     if train["pos_weight"] == "balanced":
-        pos = [float(w) for w in data.positive_weights(y_train, float(train["max_pos_weight"]))]
+        pos = [float(w) for w in loading.positive_weights(y_train, float(train["max_pos_weight"]))]
     else:
         pos = [1.0] * y_train.shape[1]
     log.info("train: stage2 positive weights %s", dict(zip(SUBTYPES, (round(w, 2) for w in pos))))
@@ -417,7 +417,7 @@ def _load_best(model, best_path: Path) -> None:
 
 
 def _read_best(best_path: Path) -> dict:
-    from ich.callbacks import read_best
+    from ich.training.callbacks import read_best
 
     return read_best(best_path) or {"value": math.nan, "epoch": None}
 

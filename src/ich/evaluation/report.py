@@ -1,6 +1,6 @@
 """The evaluation report: PNG plots and a markdown page that embeds them.
 
-In: the metrics dict of `ich.metrics.evaluate_all`, the test labels and probabilities (N, 6) in
+In: the metrics dict of `ich.evaluation.metrics.evaluate_all`, the test labels and probabilities (N, 6) in
 LABELS order, the Keras CSVLogger files of training, a few example images, and counts and
 settings to show. Out: out_dir/report.md plus roc.png, pr.png, confusion.png, training.png and
 examples.png beside it (the last two only when there is something to draw).

@@ -1,6 +1,6 @@
 """Read the pipeline's PNGs: 8-bit RGB, one CT window per channel.
 
-Kept apart from ich.data (which imports Keras) so that worker processes of augment and predict
+Kept apart from ich.data.loading (which imports Keras) so that worker processes of augment and predict
 decode PNGs without importing a deep-learning backend.
 """
 
@@ -14,13 +14,13 @@ import numpy as np
 def read_png(path: str | Path, image_size: int | None = None) -> np.ndarray:
     """Decode one 8-bit RGB PNG (windowed CT, as `ich preprocess` writes them) to uint8 RGB.
 
-    Resized to (image_size, image_size) with ich.windowing.resize when its size differs; kept
+    Resized to (image_size, image_size) with ich.data.windowing.resize when its size differs; kept
     as it is when image_size is None. Raises ValueError naming the file when it is missing,
     cannot be decoded, or is not 8-bit RGB (a grey or 16-bit PNG is not a windowed CT).
     """
     import cv2
 
-    from ich.windowing import resize
+    from ich.data.windowing import resize
 
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:

@@ -18,7 +18,7 @@ import pandas as pd
 
 from ich.constants import AUGMENTED_CSV, IMAGES_CSV, LABELS, PACKED_DIR, SPLITS_CSV
 from ich.io import outdated
-from ich.png import read_png  # noqa: F401  (part of this module's API)
+from ich.data.png import read_png  # noqa: F401  (part of this module's API)
 
 SPLITS = ("train", "val", "test")
 # Images decoded per chunk while packing: bounds memory to chunk * S * S * 3 bytes.

@@ -16,7 +16,7 @@ from typing import Iterator
 import numpy as np
 
 from ich.constants import CASCADE_JSON, LABELS, SUBTYPES
-from ich.windowing import resize
+from ich.data.windowing import resize
 
 
 @dataclass
@@ -35,7 +35,7 @@ class Cascade:
     @property
     def thresholds(self) -> dict[str, float]:
         """Decision threshold per label (0.5 each until `ich evaluate` picks them on val)."""
-        from ich.metrics import DEFAULT_THRESHOLD
+        from ich.evaluation.metrics import DEFAULT_THRESHOLD
 
         saved = self.meta.get("thresholds") or {}
         return {label: float(saved.get(label, DEFAULT_THRESHOLD)) for label in LABELS}
