@@ -74,13 +74,10 @@ def test_evaluate_writes_metrics_thresholds_and_report(setup):
     assert path == eval_dir / METRICS_JSON
     metrics = json.loads(path.read_text())
 
-    # Thresholds: Youden on val, stored in cascade.json with every other key kept.
-    _, val_true, val_prob = _truth_and_expected(work, "val")
+    # Thresholds: the run's own (cascade.json, chosen by the same method), which stays untouched.
     cascade = json.loads((run / CASCADE_JSON).read_text())
-    for j, label in enumerate(LABELS):
-        assert cascade["thresholds"][label] == pytest.approx(
-            choose_threshold(val_true[:, j], val_prob[:, j], "youden"), abs=1e-5)
-    assert cascade["extra_key"] == "kept" and cascade["threshold_method"] == "youden"
+    assert metrics["thresholds"]["values"] == cascade["thresholds"]
+    assert metrics["thresholds"]["method"] == "youden" and "the run" in metrics["thresholds"]["source"]
 
     # Predictions: image_id + six probabilities exactly, equal to the hand-computed cascade.
     test_part, test_true, test_prob = _truth_and_expected(work, "test")
@@ -104,6 +101,27 @@ def test_evaluate_writes_metrics_thresholds_and_report(setup):
     assert all((eval_dir / link).is_file() for link in links)
     assert f"| any | {metrics['labels']['any']['roc_auc']:.3f} |" in report
     assert "Research use only" in report
+
+
+def test_other_threshold_method_is_chosen_on_val_and_leaves_the_run_alone(setup, caplog):
+    cfg, work, run = setup
+    before = (run / CASCADE_JSON).read_bytes()
+    evaluate.run(cfg)
+    f1 = config.load(None, [f"paths.work_dir={work}", f"paths.run_dir={run}", "data.workers=1",
+                            "predict.batch_size=8", "evaluate.report_examples=4",
+                            "evaluate.threshold_method=f1"])
+    with caplog.at_level("INFO", logger="ich"):
+        path = evaluate.run(f1)  # recomputed: its settings changed
+    assert "settings changed: evaluate.threshold_method" in caplog.text
+    metrics = json.loads(path.read_text())
+    _, val_true, val_prob = _truth_and_expected(work, "val")
+    for j, label in enumerate(LABELS):
+        assert metrics["thresholds"]["values"][label] == pytest.approx(
+            choose_threshold(val_true[:, j], val_prob[:, j], "f1"), abs=1e-5)
+    assert metrics["thresholds"]["method"] == "f1"
+    assert (run / CASCADE_JSON).read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["cascade.json", "stage1.keras", "stage2.keras", "history", "eval", ".done"])
 
 
 def test_evaluate_skips_when_complete_and_force_redoes(setup):
