@@ -15,6 +15,7 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import cv2
 import numpy as np
 
 from ich.data.dicom import DicomError, read_hu
@@ -25,7 +26,7 @@ log = logging.getLogger("ich")
 
 DICOM_SUFFIXES = (".dcm", ".dicom")
 PNG_SUFFIX = ".png"
-# Files handed to one worker at a time: amortises inter-process overhead (~50 ms of work each).
+# Files handed to one worker at a time: amortises the inter-process overhead per task.
 CHUNK = 8
 
 
@@ -119,7 +120,5 @@ def _has_dicom_marker(path: Path) -> bool:
 
 
 def _init_worker() -> None:
-    import cv2
-
     # One thread per worker process: the pool already uses every core.
     cv2.setNumThreads(1)
