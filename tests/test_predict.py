@@ -10,6 +10,7 @@ from ich.cli import StepError, main
 from ich.constants import (FAILURES_CSV, LABELS, PREDICTIONS_CSV, RSNA_ORDER, STUDIES_CSV,
                            SUBMISSION_CSV)
 from ich.data.dicom import read_hu
+from ich.data.sources import display_names
 from ich.steps.predict import find_inputs, predict_paths
 from ich.data.windowing import hu_to_rgb
 from tiny_cascade import expected_probs, red_images, save_tiny_cascade
@@ -52,11 +53,14 @@ def test_real_dicoms_with_bad_files(real_dicom_dir, run_dir, tmp_path):
     for label in LABELS:
         assert (pred[f"{label}_pred"] == (pred[label] >= 0.3)).all()
 
+    # Every file in a folder is tried (labels.csv too), and each is named relative to the root
+    # given, prefixed by the root's position since there are several; never an absolute path.
     failures = pd.read_csv(out / FAILURES_CSV)
-    assert sorted(failures["path"]) == sorted([str(truncated), str(text), str(tmp_path / "missing.dcm")])
+    assert sorted(failures["path"]) == ["1/labels.csv", "2/ID_truncated.dcm", "3/notes.txt", "missing.dcm"]
     reasons = dict(zip(failures["path"], failures["reason"]))
-    assert "not found" in reasons[str(tmp_path / "missing.dcm")]
-    assert "DICOM" in reasons[str(text)]
+    assert "not found" in reasons["missing.dcm"]
+    assert "DICOM" in reasons["3/notes.txt"]
+    assert sorted(pred["path"]) == sorted(f"1/{p.name}" for p in real)
 
     submission = pd.read_csv(out / SUBMISSION_CSV)
     assert list(submission.columns) == ["ID", "Label"]
@@ -67,7 +71,7 @@ def test_real_dicoms_with_bad_files(real_dicom_dir, run_dir, tmp_path):
     np.testing.assert_allclose(rows["Label"], pred.loc[0, list(RSNA_ORDER)].astype(float), atol=1e-6)
 
     studies = pd.read_csv(out / STUDIES_CSV)
-    assert list(studies.columns) == ["study_id", "patient_id", "n_slices", *LABELS]
+    assert list(studies.columns) == ["study_id", "n_slices", *LABELS]   # no PatientID by default
     assert studies["n_slices"].sum() == len(real)
     assert studies["study_id"].str.startswith("ID_").all()
 
@@ -77,7 +81,9 @@ def test_series_in_worker_processes_matches_serial(real_dicom_dir, run_dir, tmp_
     parallel = predict_paths([series], run_dir, tmp_path / "par", _cfg(workers=2, batch_size=8))
     serial = predict_paths([series], run_dir, tmp_path / "ser", _cfg(workers=1, batch_size=32))
     a, b = pd.read_csv(parallel), pd.read_csv(serial)
-    assert len(a) == 28  # the LICENSE file beside the slices is not an input
+    assert len(a) == 28
+    assert list(pd.read_csv(tmp_path / "par" / FAILURES_CSV)["path"]) == ["LICENSE"]  # tried, listed
+    assert sorted(a["path"]) == [f"{i:02d}.dcm" for i in range(1, 29)]   # relative to the folder
     pd.testing.assert_frame_equal(a, b, atol=1e-6)
     studies = pd.read_csv(tmp_path / "par" / STUDIES_CSV)
     assert len(studies) == 1 and studies["n_slices"].iloc[0] == 28
@@ -118,13 +124,18 @@ def test_cli_exit_codes(run_dir, tmp_path):
                  "--out", str(tmp_path / "bad")]) == 2
 
 
-def test_find_inputs_skips_non_dicom_in_folders(tmp_path):
+def test_find_inputs_tries_every_regular_file(tmp_path):
     (tmp_path / "sub").mkdir()
     (tmp_path / "README").write_text("text")
+    (tmp_path / ".DS_Store").write_text("system file")
     marked = tmp_path / "sub" / "1.2.840.99"
     marked.write_bytes(b"\0" * 128 + b"DICM" + b"\0" * 16)
     (tmp_path / "x.dcm").write_bytes(b"")
     files, failures = find_inputs([tmp_path, tmp_path / "x.dcm"])
-    # README has no DICOM marker; x.dcm is reached twice (folder and argument) but kept once.
-    assert files == [marked, tmp_path / "x.dcm"]
+    # README is tried too (it fails with a reason); x.dcm is reached twice but kept once.
+    assert files == [tmp_path / "README", marked, tmp_path / "x.dcm"]
     assert failures == []
+    assert display_names([tmp_path], files) == {tmp_path / "README": "README",
+                                                marked: "sub/1.2.840.99", tmp_path / "x.dcm": "x.dcm"}
+    assert display_names([tmp_path / "sub", tmp_path / "x.dcm"], [marked, tmp_path / "x.dcm"]) == \
+        {marked: "1/1.2.840.99", tmp_path / "x.dcm": "2/x.dcm"}

@@ -68,3 +68,30 @@ def test_uniform_labels_still_fill_every_split():
     splits = assign_splits(patients, labels, (0.8, 0.1, 0.1), seed=42)
     per_patient = pd.DataFrame({"p": patients, "s": splits}).drop_duplicates("p")["s"].value_counts()
     assert per_patient.to_dict() == {"train": 8, "val": 1, "test": 1}
+
+
+def _twelve_patients():
+    """Twelve patients of two images each; patients 0-5 positive for `any` (and subdural)."""
+    patients = pd.Series([f"P{i:02d}" for i in range(12) for _ in range(2)])
+    labels = np.zeros((24, 6), dtype=int)
+    for i in range(6):
+        labels[2 * i, 0] = labels[2 * i, 5] = 1
+    labels[0, 1] = 1          # epidural: one patient only, so it cannot reach every split
+    return patients, labels
+
+
+@pytest.mark.parametrize("seed", range(12))
+def test_twelve_patients_six_positive_every_split_gets_a_positive(seed):
+    patients, labels = _twelve_patients()
+    unplaced: list = []
+    split = assign_splits(patients, labels, (0.8, 0.1, 0.1), seed, unplaced)
+    for name in ("train", "val", "test"):
+        part = split == name
+        assert labels[part, 0].any(), f"{name} has no positive patient for any (seed {seed})"
+        assert labels[part, 5].any(), f"{name} has no positive patient for subdural (seed {seed})"
+    assert pd.Series(split).groupby(patients.to_numpy()).nunique().max() == 1   # patients whole
+    assert sorted(pd.Series(split).value_counts().to_dict().items()) == \
+        [("test", 2), ("train", 20), ("val", 2)]                            # sizes unchanged
+    # The one epidural patient can be in one split only: the other two are reported.
+    assert sorted(j for j, _ in unplaced) == [1, 1]
+    assert {name for _, name in unplaced} | {split[0]} == {"train", "val", "test"}

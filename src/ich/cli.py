@@ -11,14 +11,18 @@ import argparse
 import importlib
 import logging
 import sys
+from contextlib import ExitStack
 from pathlib import Path
 
 from ich import backend
 from ich import config as config_mod
 from ich.constants import RESOLVED_CONFIG, STEPS
 from ich.errors import StepError  # noqa: F401  (re-exported: steps raise ich.cli.StepError)
+from ich.locks import LockError, hold
 
 log = logging.getLogger("ich")
+
+RUN_DIR_STEPS = ("train", "evaluate")   # steps that write into paths.run_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.WARNING if args.quiet else logging.INFO)
     try:
         return args.func(args)
-    except (config_mod.ConfigError, StepError, FileNotFoundError) as err:
+    except (config_mod.ConfigError, StepError, FileNotFoundError, LockError) as err:
         log.error("error: %s", err)
         return 2
     except KeyboardInterrupt:
@@ -47,22 +51,40 @@ def choose_backend(cfg: dict) -> str:
 
 
 def run_step(name: str, cfg: dict, force: bool = False) -> Path:
-    """Run one pipeline step by name after saving the resolved config next to its outputs."""
+    """Run one pipeline step by name after saving the resolved config next to its outputs.
+
+    Holds the work directory's lock (and the run directory's, for the steps that write there)
+    for the step: a second `ich` on the same folder stops at once (LockError names the first).
+    """
     work = Path(cfg["paths"]["work_dir"])
-    config_mod.save(cfg, work / RESOLVED_CONFIG)
-    module = importlib.import_module(f"ich.steps.{name}")
-    return module.run(cfg, force=force)
+    with ExitStack() as locks:
+        locks.enter_context(hold(work, "work directory"))
+        if name in RUN_DIR_STEPS:
+            locks.enter_context(hold(Path(cfg["paths"]["run_dir"]), "run directory"))
+        config_mod.save(cfg, work / RESOLVED_CONFIG)
+        module = importlib.import_module(f"ich.steps.{name}")
+        return module.run(cfg, force=force)
+
+
+def _flag_overrides(args) -> list[str]:
+    """--retry-failed / --keep-patient-id as the config keys they stand for."""
+    extra = []
+    if getattr(args, "retry_failed", False):
+        extra += ["preprocess.retry_failed=true", "predict.retry_failed=true"]
+    if getattr(args, "keep_patient_id", False):
+        extra.append("predict.keep_patient_id=true")
+    return extra
 
 
 def _cmd_step(args) -> int:
-    cfg = config_mod.load(args.config, args.set)
+    cfg = config_mod.load(args.config, [*args.set, *_flag_overrides(args)])
     choose_backend(cfg)
     run_step(args.command, cfg, force=args.force)
     return 0
 
 
 def _cmd_run(args) -> int:
-    cfg = config_mod.load(args.config, args.set)
+    cfg = config_mod.load(args.config, [*args.set, *_flag_overrides(args)])
     choose_backend(cfg)
     first = STEPS.index(args.from_step)
     last = STEPS.index(args.to_step)
@@ -83,12 +105,13 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    overrides = list(args.set)
+    overrides = [*args.set, *_flag_overrides(args)]
     cfg = config_mod.load(args.config, overrides) if args.config else config_mod.load(None, overrides)
     choose_backend(cfg)
     from ich.steps import predict
 
-    predict.predict_paths([Path(p) for p in args.paths], Path(args.model), Path(args.out), cfg)
+    with hold(Path(args.out), "predict output folder"):
+        predict.predict_paths([Path(p) for p in args.paths], Path(args.model), Path(args.out), cfg)
     return 0
 
 
@@ -96,6 +119,11 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="experiment YAML (overrides configs/base.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override one config key; repeatable")
+
+
+def _add_retry_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--retry-failed", action="store_true",
+                   help="try the files an earlier run listed in failures.csv again")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -117,6 +145,8 @@ def _build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helps[name])
         _add_config_args(p)
         p.add_argument("--force", action="store_true", help="redo the step even if its outputs are complete")
+        if name == "preprocess":
+            _add_retry_arg(p)
         p.set_defaults(func=_cmd_step)
 
     p = sub.add_parser("run", help="run several steps in order, skipping finished ones")
@@ -124,6 +154,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from", dest="from_step", choices=STEPS, default=STEPS[0])
     p.add_argument("--to", dest="to_step", choices=STEPS, default=STEPS[-1])
     p.add_argument("--force", action="store_true", help="redo the --from step even if complete")
+    _add_retry_arg(p)
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("synth", help="write phantom head CTs in the exact RSNA file format")
@@ -140,6 +171,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="run directory holding stage1.keras, stage2.keras, cascade.json")
     p.add_argument("--out", required=True, help="output folder for predictions.csv, submission.csv, studies.csv")
     _add_config_args(p, required=False)
+    _add_retry_arg(p)
+    p.add_argument("--keep-patient-id", action="store_true",
+                   help="write PatientID into studies.csv (off: outputs carry no patient identifiers)")
     p.set_defaults(func=_cmd_predict)
     return parser
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 from contextlib import contextmanager
@@ -48,11 +49,57 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return Path(path)
 
 
+# A text cell starting with one of these is run as a formula by spreadsheets (CSV injection).
+FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# Space left free on a volume after a large write, for logs, stamps and other processes.
+FREE_SPACE_RESERVE = 64 * 2 ** 20
+
+
+def safe_cell(value):
+    """`value` as a spreadsheet shows it, not runs it: a string starting with = + - @ (or a tab
+    or carriage return) gets a leading apostrophe. Numbers, and strings that are numbers
+    ("-1.5", "+3"), are left alone."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
+def escape_formulas(df):
+    """A copy of DataFrame `df` whose text cells (object and string columns) pass `safe_cell`;
+    column names too. Numeric columns are untouched."""
+    out = df.copy()
+    for column in out.columns:
+        if out[column].dtype == object or str(out[column].dtype).startswith("string"):
+            out[column] = out[column].map(safe_cell)
+    out.columns = [safe_cell(c) for c in out.columns]
+    return out
+
+
 def write_csv(df, path: str | Path) -> Path:
-    """Write a pandas DataFrame as CSV atomically (no index column)."""
+    """Write a pandas DataFrame as CSV atomically (no index column), formulas escaped."""
     with atomic_path(path) as tmp:
-        df.to_csv(tmp, index=False)
+        escape_formulas(df).to_csv(tmp, index=False)
     return Path(path)
+
+
+def require_free_space(folder: str | Path, need_bytes: int, what: str) -> None:
+    """Raise StepError before a write of `need_bytes` into `folder` that would fill its volume
+    (keeping FREE_SPACE_RESERVE free); the message says how much is needed and free."""
+    from ich.errors import StepError
+
+    folder = Path(folder)
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need_bytes + FREE_SPACE_RESERVE > free:
+        raise StepError(f"not enough disk space for {what} in {folder}: needs "
+                        f"{need_bytes / 2 ** 20:,.0f} MB (+{FREE_SPACE_RESERVE // 2 ** 20} MB "
+                        f"reserve), {free / 2 ** 20:,.0f} MB free; free some space and run again")
 
 
 def write_json(obj, path: str | Path) -> Path:

@@ -100,29 +100,47 @@ def storage_note(bits_stored: int, signed: bool, intercept: float, slope: float,
     return ";".join(parts)
 
 
-def read_hu(path: str | Path) -> tuple[np.ndarray, dict]:
+def read_hu(path: str | Path, max_bytes: int | None = None) -> tuple[np.ndarray, dict]:
     """Read a CT DICOM file -> (float32 HU array (rows, columns), metadata dict).
 
     Metadata: image_id (SOPInstanceUID, else the file stem), patient_id, study_id, series_id,
     position (along the slice normal, NaN if absent), rows, columns, pixel_spacing (row spacing
     in mm, NaN if absent), window_center / window_width (first value, NaN if absent) and
-    storage (see `storage_note`). Raises DicomError for anything unusable.
+    storage (see `storage_note`). Raises DicomError for anything unusable, before reading a
+    byte of a file larger than `max_bytes`. Failures of the machine (disk, I/O, memory; see
+    ich.compute.is_machine_error) are raised as they are: they say nothing about the file.
+    A file without the 128-byte preamble and 'DICM' marker is still read if it parses as DICOM.
     """
     import pydicom
 
+    from ich import faults
+    from ich.compute import is_machine_error
+
     path = Path(path)
+    faults.check("decode", path.stem)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=_RSNA_UID_WARNING, category=UserWarning)
         try:
-            ds = pydicom.dcmread(path)
+            if max_bytes is not None and (size := path.stat().st_size) > max_bytes:
+                raise DicomError(f"larger than {max_bytes / 2 ** 20:g} MB ({size / 2 ** 20:,.0f} MB); "
+                                 "raise preprocess.max_file_mb to read it")
+            try:
+                ds = pydicom.dcmread(path)
+            except pydicom.errors.InvalidDicomError:
+                # No preamble/marker: many exporters write bare datasets. force=True parses
+                # them; a non-DICOM then fails below for want of the tags a CT slice needs.
+                ds = pydicom.dcmread(path, force=True)
+                if "PixelData" not in ds and "SOPClassUID" not in ds:
+                    raise DicomError("not a DICOM file (no 'DICM' marker after the 128-byte "
+                                     "preamble, and it does not parse as a dataset)") from None
             return _dataset_to_hu(ds, path)
         except DicomError:
             raise
-        except pydicom.errors.InvalidDicomError as err:
-            raise DicomError("not a DICOM file (no 'DICM' marker after the 128-byte preamble)") from err
-        except OSError as err:
-            raise DicomError(f"cannot read the file ({err})") from err
         except Exception as err:  # noqa: BLE001 - any parse failure of a damaged file is per-file
+            if is_machine_error(err):
+                raise
+            if isinstance(err, OSError):
+                raise DicomError(f"cannot read the file ({err})") from err
             raise DicomError(f"damaged DICOM ({type(err).__name__}: {err})") from err
 
 
@@ -145,7 +163,7 @@ def _dataset_to_hu(ds, path: Path) -> tuple[np.ndarray, dict]:
     if ds.get("RescaleIntercept") in (None, ""):
         raise DicomError("no RescaleIntercept: cannot convert to HU")
     intercept = _first_float(ds.get("RescaleIntercept"), name="RescaleIntercept")
-    slope = _first_float(ds.get("RescaleSlope"), default=1.0)
+    slope = _slope(ds.get("RescaleSlope"))
     bits_stored = int(ds.get("BitsStored", 16))
     pixel_rep = int(ds.get("PixelRepresentation", 0))
 
@@ -153,7 +171,7 @@ def _dataset_to_hu(ds, path: Path) -> tuple[np.ndarray, dict]:
     hu = to_hu(pixels, slope, intercept, bits_stored, pixel_rep)
     syntax = ds.file_meta.get("TransferSyntaxUID", "")
     compressed = syntax.keyword if syntax and syntax not in _UNCOMPRESSED_LE else ""
-    spacing = ds.get("PixelSpacing")
+    spacing, spacing_note = _spacing(ds.get("PixelSpacing"))
     meta = {
         "image_id": str(ds.get("SOPInstanceUID", "") or path.stem),
         "patient_id": str(ds.get("PatientID", "") or ""),
@@ -162,14 +180,38 @@ def _dataset_to_hu(ds, path: Path) -> tuple[np.ndarray, dict]:
         "position": slice_position(ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")),
         "rows": int(hu.shape[0]),
         "columns": int(hu.shape[1]),
-        "pixel_spacing": float(spacing[0]) if spacing else math.nan,
+        "pixel_spacing": spacing,
         "window_center": _first_float(ds.get("WindowCenter"), default=math.nan),
         "window_width": _first_float(ds.get("WindowWidth"), default=math.nan),
         "storage": storage_note(bits_stored, bool(pixel_rep), intercept, slope,
                                 needs_intercept_fix(bits_stored, pixel_rep, intercept),
-                                compressed, photometric),
+                                compressed, photometric) + spacing_note,
     }
     return hu, meta
+
+
+def _slope(value) -> float:
+    """RescaleSlope: absent means 1; present, it must be a non-zero number (0 would make every
+    pixel the intercept, and a guess of 1 for a garbled value would give wrong HU)."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return 1.0
+    slope = _first_float(value, name="RescaleSlope")
+    if not math.isfinite(slope) or slope == 0:
+        raise DicomError(f"RescaleSlope is {slope:g}; expected a non-zero number")
+    return slope
+
+
+def _spacing(value) -> tuple[float, str]:
+    """(row spacing in mm or NaN, a storage-note suffix). A single value means square pixels:
+    accepted, and noted as ';square-pixel-spacing' since PS3.3 asks for two."""
+    if value is None or value == "":
+        return math.nan, ""
+    values = list(value) if isinstance(value, Sequence) and not isinstance(value, (str, bytes)) else [value]
+    try:
+        first = float(values[0]) if values else math.nan
+    except (TypeError, ValueError):
+        return math.nan, ";unreadable-pixel-spacing"
+    return first, ";square-pixel-spacing" if len(values) == 1 else ""
 
 
 def _pixels(ds) -> np.ndarray:
@@ -199,6 +241,10 @@ def _pixels(ds) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except Exception as err:  # noqa: BLE001 - decoder errors come in many types
+        from ich.compute import is_machine_error
+
+        if is_machine_error(err):
+            raise
         name = getattr(syntax, "name", str(syntax)) or "unknown transfer syntax"
         detail = " ".join(str(err).split())  # plugin errors span several lines
         raise DicomError(f"cannot decode pixel data ({name}): {detail}") from err

@@ -24,7 +24,7 @@ import pandas as pd
 from ich.constants import AUGMENTED_CSV, IMAGES_CSV, LABELS, PACKED_DIR, SPLITS, SPLITS_CSV
 from ich.data.inputs import PNG_CHANNELS, InputSpec, neighbour_rows
 from ich.data.png import read_png
-from ich.io import atomic_path
+from ich.io import atomic_path, require_free_space
 from ich.stamps import Stamp, reason, record, record_path
 
 # Images decoded per chunk while packing: bounds memory to chunk * S * S * 3 bytes.
@@ -128,6 +128,12 @@ def packed(work_dir: Path, split: str, table: pd.DataFrame, image_size: int,
         cached = np.load(npy, mmap_mode="r")
         if cached.shape == (len(ids), image_size, image_size, PNG_CHANNELS) and cached.dtype == np.uint8:
             return cached
+    # issue 10: a full disk under a memory map is a bus error, not an exception, so check the
+    # space first; and drop the temporary caches of killed builds (atomic_path's names).
+    for leftover in npy.parent.glob(f".{npy.name}.*.tmp.npy"):
+        leftover.unlink(missing_ok=True)
+    require_free_space(npy.parent, len(ids) * image_size * image_size * PNG_CHANNELS,
+                       f"the packed {split} cache")
     with atomic_path(npy) as tmp:
         array = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8,
                                           shape=(len(ids), image_size, image_size, PNG_CHANNELS))

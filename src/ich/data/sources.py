@@ -10,34 +10,30 @@ from __future__ import annotations
 
 import functools
 import logging
-from concurrent.futures import ProcessPoolExecutor
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Iterable, Iterator
 
 import cv2
 import numpy as np
 
+from ich.compute import is_machine_error, map_files
 from ich.data.dicom import DicomError, read_hu
 from ich.data.png import read_png
 from ich.data.windowing import hu_to_rgb
 
 log = logging.getLogger("ich")
 
-DICOM_SUFFIXES = (".dcm", ".dicom")
 PNG_SUFFIX = ".png"
-# Files handed to one worker at a time: amortises the inter-process overhead per task.
-CHUNK = 8
 
 
 def find_inputs(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:
     """Expand folders into files: returns (files to decode, failures for paths that do not exist).
 
-    A file named on the command line is always tried (a bad one becomes a failure with a
-    reason). Inside folders, only `*.dcm`/`*.dicom`, `*.png` and other files that start like
-    DICOM (the 'DICM' marker at byte 128, e.g. extension-less or UID-named files) are taken, so
-    READMEs, licences and CSVs are ignored.
-    The same file reached twice is decoded once.
+    Every regular file is tried, in folders too (recursively, sorted): a DICOM needs neither a
+    `.dcm` name nor the 128-byte preamble, so only decoding can tell, and a file that is not an
+    image becomes a failure with its reason rather than vanishing. Dot-named files (temporary
+    and system files such as .DS_Store) are skipped. The same file reached twice is decoded once.
+    Failures name a missing path by what was typed.
     """
     files: list[Path] = []
     failures: list[dict] = []
@@ -51,9 +47,10 @@ def find_inputs(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:
 
     for path in paths:
         if path.is_dir():
-            found = [f for f in sorted(path.rglob("*")) if f.is_file() and _looks_like_input(f)]
+            found = [f for f in sorted(path.rglob("*"))
+                     if f.is_file() and not any(part.startswith(".") for part in f.relative_to(path).parts)]
             if not found:
-                log.warning("predict: no DICOM or PNG files in folder %s", path)
+                log.warning("predict: no files in folder %s", path)
             for f in found:
                 add(f)
         elif path.is_file():
@@ -63,60 +60,60 @@ def find_inputs(paths: Iterable[Path]) -> tuple[list[Path], list[dict]]:
     return files, failures
 
 
+def display_names(roots: list[Path], files: list[Path]) -> dict[Path, str]:
+    """The name each file is shown under in outputs and logs: its path relative to the input
+    root given on the command line (a file given itself: its name), never an absolute path
+    (clinical exports put patient names in folder names). With several roots, the name starts
+    with the root's position, `2/sub/IM0001`, so that names stay unique."""
+    names = {}
+    for f in files:
+        for k, root in enumerate(roots, start=1):
+            try:
+                rel = f.relative_to(root).as_posix() if root.is_dir() else (f.name if f == root else None)
+            except ValueError:
+                rel = None
+            if rel is not None:
+                names[f] = rel if len(roots) == 1 else f"{k}/{rel}"
+                break
+        else:
+            names[f] = f.name
+    return names
+
+
 def decode_all(files: list[Path], windows: list[tuple[float, float]], size: int, workers: int,
-               block: int = 256) -> Iterator[tuple[Path, np.ndarray | None, dict]]:
+               timeout_s: float | None = None, max_bytes: int | None = None
+               ) -> Iterator[tuple[Path, np.ndarray | None, dict]]:
     """Yield (path, uint8 (size, size, 3) image or None, info) for every file, in order.
 
-    info is read_hu's metadata (image_id, study_id, ...) or {"reason": why it failed}. With
-    workers > 1, files are decoded in a process pool in blocks; the next block decodes while
-    the caller works on the current one.
+    info is read_hu's metadata (image_id, study_id, ...) or {"reason": why it failed}. Files
+    are decoded in `workers` isolated processes (ich.compute, for one worker too): a decoder
+    that crashes or runs past `timeout_s` fails only its file ("decoder crashed with signal
+    11 (SIGSEGV)"). A failure of the machine (disk, I/O, memory) raises ich.compute.TaskError.
     """
-    decode = functools.partial(decode_file, windows=windows, size=size)
-    if workers <= 1 or len(files) <= CHUNK:
-        for path in files:
-            yield decode(path)
-        return
-    blocks = [files[i:i + block] for i in range(0, len(files), block)]
-    # spawn: the parent may hold Keras/torch thread pools, which a forked child must not inherit.
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
-                             initializer=_init_worker) as pool:
-        pending = pool.map(decode, blocks[0], chunksize=CHUNK)
-        for k in range(len(blocks)):
-            results = list(pending)
-            if k + 1 < len(blocks):
-                pending = pool.map(decode, blocks[k + 1], chunksize=CHUNK)
-            yield from results
+    decode = functools.partial(decode_file, windows=windows, size=size, max_bytes=max_bytes)
+    for result in map_files(decode, files, workers, timeout_s=timeout_s, initializer=_init_worker,
+                            ordered=True):
+        if result.ok:
+            yield result.value
+        else:
+            yield result.item, None, {"reason": f"decoder {result.failure}"}
 
 
-def decode_file(path: Path, windows: list[tuple[float, float]], size: int
-                ) -> tuple[Path, np.ndarray | None, dict]:
-    """One input -> (path, uint8 RGB (size, size, 3), info) or (path, None, {"reason": ...})."""
+def decode_file(path: Path, windows: list[tuple[float, float]], size: int,
+                max_bytes: int | None = None) -> tuple[Path, np.ndarray | None, dict]:
+    """One input -> (path, uint8 RGB (size, size, 3), info) or (path, None, {"reason": ...}).
+    Machine failures (see ich.compute.is_machine_error) are raised, not returned."""
     try:
         if path.suffix.lower() == PNG_SUFFIX:
             return path, read_png(path, size), {"image_id": path.stem, "study_id": "", "patient_id": ""}
-        hu, meta = read_hu(path)
+        hu, meta = read_hu(path, max_bytes)
         return path, hu_to_rgb(hu, windows, size), meta
     except DicomError as err:
         return path, None, {"reason": str(err)}
     except Exception as err:  # noqa: BLE001 - one bad file must never stop the others
+        if is_machine_error(err):
+            raise
         return path, None, {"reason": f"{type(err).__name__}: {err}"}
-
-
-def _looks_like_input(path: Path) -> bool:
-    suffix = path.suffix.lower()
-    if suffix in DICOM_SUFFIXES or suffix == PNG_SUFFIX:
-        return True
-    # Other names (no extension, or UID-like names full of dots): DICOM if the marker says so.
-    return _has_dicom_marker(path)
-
-
-def _has_dicom_marker(path: Path) -> bool:
-    try:
-        with open(path, "rb") as fh:
-            fh.seek(128)
-            return fh.read(4) == b"DICM"
-    except OSError:
-        return False
 
 
 def _init_worker() -> None:

@@ -28,11 +28,14 @@ def patient_label_matrix(patients: pd.Series, labels: np.ndarray) -> tuple[np.nd
 
 
 def assign_splits(patients: pd.Series, labels: np.ndarray, fractions: tuple[float, float, float],
-                  seed: int) -> np.ndarray:
+                  seed: int, unplaced: list | None = None) -> np.ndarray:
     """Split names ('train', 'val', 'test') for each image, grouped by patient and stratified.
 
     `fractions` are of patients, for train, val and test; a zero fraction yields an empty split.
-    Needs at least one patient for each non-zero fraction.
+    Needs at least one patient for each non-zero fraction. Every non-empty split then gets at
+    least one positive patient for each label (column order: `any` first) wherever there are
+    enough positive patients, by swapping patients between splits (sizes stay); the
+    (label column, split) pairs that could not be covered are appended to `unplaced`.
     """
     patient_ids, matrix = patient_label_matrix(patients, labels)
     needed = sum(f > 0 for f in fractions)
@@ -60,8 +63,56 @@ def assign_splits(patients: pd.Series, labels: np.ndarray, fractions: tuple[floa
         keep, take = _exact_size(keep, take, n_take, rng)
         assignment[rest[take]] = name
         rest = rest[keep]
+    missed = cover_positives(assignment, matrix, rng)
+    if unplaced is not None:
+        unplaced.extend(missed)
     by_patient = dict(zip(patient_ids, assignment))
     return np.array([by_patient[p] for p in np.asarray(patients)], dtype=object)
+
+
+def cover_positives(assignment: np.ndarray, matrix: np.ndarray,
+                    rng: np.random.Generator) -> list[tuple[int, str]]:
+    """Swap patients (in place) so that each non-empty split has a positive patient per label.
+
+    Labels are taken in column order and splits in SPLITS order. A split lacking a positive
+    for label j takes one from a split that has two or more, giving back a patient negative for
+    j; neither move may take the last positive of an already covered label from a split.
+    Returns the (label column, split) pairs left without a positive patient (labels without
+    any positive patient are not listed).
+    """
+    splits = [name for name in SPLITS if (assignment == name).any()]
+    positive = np.asarray(matrix) > 0
+    missed = []
+
+    def sole_positive_of(i: int, split: str, upto: int) -> bool:
+        """Is patient i the only positive of some label < upto (or label upto itself) in split?"""
+        members = assignment == split
+        for k in range(upto + 1):
+            if positive[i, k] and (positive[:, k] & members).sum() == 1:
+                return True
+        return False
+
+    for j in range(positive.shape[1]):
+        if not positive[:, j].any():
+            continue  # no positive patient at all: nothing to place
+        for name in splits:
+            if (positive[:, j] & (assignment == name)).any():
+                continue
+            donors = [i for i in rng.permutation(len(assignment))
+                      if positive[i, j] and assignment[i] != name
+                      and (positive[:, j] & (assignment == assignment[i])).sum() >= 2
+                      and not sole_positive_of(i, assignment[i], j - 1)]
+            partners = [i for i in rng.permutation(len(assignment))
+                        if assignment[i] == name and not positive[i, j]
+                        and not sole_positive_of(i, name, j - 1)]
+            if not donors or not partners:
+                missed.append((j, name))
+                continue
+            # The least positive patients move: they disturb the other labels' balance least.
+            donor = min(donors, key=lambda i: positive[i].sum())
+            partner = min(partners, key=lambda i: positive[i].sum())
+            assignment[partner], assignment[donor] = assignment[donor], name
+    return missed
 
 
 def _exact_size(keep: np.ndarray, take: np.ndarray, n_take: int,

@@ -153,6 +153,7 @@ def read_cascade_json(run_dir: Path) -> dict:
         raise ValueError(f"{path}: labels {meta['labels']} differ from this version's {list(LABELS)}")
     covered = []
     for stage in meta["stages"]:
+        plain_file_name(stage.get("file", ""), f"{path}: stage {stage.get('name')}")  # issue 10
         if stage.get("given") and stage["given"] not in covered:
             raise ValueError(f"{path}: stage {stage['name']} is conditional on {stage['given']!r}, "
                              "which no earlier stage predicts")
@@ -164,6 +165,29 @@ def read_cascade_json(run_dir: Path) -> dict:
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: bad input description ({err})") from err
     return meta
+
+
+def check_finite(probs: np.ndarray, ids, what: str) -> None:
+    """Raise ValueError naming the images (up to ten) whose probabilities are NaN or infinite,
+    e.g. from a model trained into overflow or a broken export, before any metric or file
+    uses them."""
+    bad = ~np.isfinite(np.asarray(probs, dtype=np.float64)).all(axis=1)
+    if bad.any():
+        names = [str(i) for i in np.asarray(list(ids), dtype=object)[bad][:10]]
+        more = f" and {int(bad.sum()) - len(names)} more" if bad.sum() > len(names) else ""
+        raise ValueError(f"{what}: the model gave NaN or infinite probabilities for "
+                         f"{int(bad.sum())} image(s): {', '.join(names)}{more}; the model is "
+                         "broken (retrain it, e.g. with a lower learning rate) or these inputs are")
+
+
+def plain_file_name(name, where: str) -> str:
+    """`name` if it is a plain file name (no folder part, not '.' or '..'), else ValueError:
+    a cascade.json must name model files inside its own run directory."""
+    text = str(name)
+    if not text or text in (".", "..") or "/" in text or "\\" in text or Path(text).name != text:
+        raise ValueError(f"{where}: model file {text!r} is not a plain file name inside the run "
+                         "directory; cascade.json may only name files beside it")
+    return text
 
 
 def n_batches(n: int, batch_size: int) -> int:

@@ -3,7 +3,9 @@
 In: work/sampled.csv and the source folder (752k files in one folder on RSNA, so files are
 addressed by name, never listed). Out: work/dicom/<image_id>.dcm and work/missing.csv (sampled
 IDs with no source file). Files already there with the source's size are skipped, so a killed
-copy resumes; each copy lands under a temporary name and is renamed, so no half file remains.
+copy resumes; each copy lands under a temporary name and is renamed, so no half file remains,
+and the temporary files of a killed run are deleted at the next start. Before each copy the
+destination's free space is checked; a full disk or an I/O error stops the step with a message.
 """
 
 from __future__ import annotations
@@ -18,7 +20,8 @@ import pandas as pd
 
 from ich.errors import StepError
 from ich.constants import DICOM_DIR, MISSING_CSV, SAMPLED_CSV
-from ich.io import Timer, atomic_path, progress, summary, write_csv
+from ich.compute import is_machine_error, machine_message
+from ich.io import Timer, atomic_path, progress, require_free_space, summary, write_csv
 from ich.stamps import Stamp, reason, record
 
 log = logging.getLogger("ich")
@@ -54,6 +57,8 @@ def run(cfg: dict, force: bool = False) -> Path:
     log.info("copy: running (%s)", why)
 
     dest_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in dest_dir.glob(".*.tmp*"):  # temporary files of a killed run
+        leftover.unlink(missing_ok=True)
     timer = Timer()
     outcomes: dict[str, int] = {SKIPPED: 0, COPIED: 0, MISSING: 0}
     missing: list[dict] = []
@@ -62,16 +67,22 @@ def run(cfg: dict, force: bool = False) -> Path:
     def task(image_id: str) -> tuple[str, str, str]:
         return copy_one(source_dir / f"{image_id}.dcm", dest_dir / f"{image_id}.dcm", mode)
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = pool.map(task, ids)
-        for image_id, (outcome, detail, used_mode) in progress(zip(ids, results), total=len(ids),
-                                                               desc="copy", unit="file"):
-            outcomes[outcome] += 1
-            if outcome == MISSING:
-                missing.append({"image_id": image_id, "reason": detail})
-            if used_mode != mode and not fallback_logged:
-                log.warning("copy: %s across file systems is impossible; copying instead", mode)
-                fallback_logged = True
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            results = pool.map(task, ids)
+            for image_id, (outcome, detail, used_mode) in progress(zip(ids, results), total=len(ids),
+                                                                   desc="copy", unit="file"):
+                outcomes[outcome] += 1
+                if outcome == MISSING:
+                    missing.append({"image_id": image_id, "reason": detail})
+                if used_mode != mode and not fallback_logged:
+                    log.warning("copy: %s across file systems is impossible; copying instead", mode)
+                    fallback_logged = True
+    except OSError as err:
+        if not is_machine_error(err):
+            raise
+        raise StepError(f"copy stopped: {machine_message(err)}. Files copied so far are kept: "
+                        "fix the cause and run the same command again") from err
     write_csv(pd.DataFrame(missing, columns=["image_id", "reason"]), work / MISSING_CSV)
     if missing:
         log.warning("copy: %d sampled image(s) have no source file, listed in %s",
@@ -104,6 +115,7 @@ def copy_one(src: Path, dest: Path, mode: str) -> tuple[str, str, str]:
     if mode == "symlink":
         _replace_with_link(dest, lambda tmp: os.symlink(src.resolve(), tmp))
         return COPIED, "", mode
+    require_free_space(dest.parent, size, f"a copy of {src.name}")
     with atomic_path(dest) as tmp:
         shutil.copyfile(src, tmp)
     return COPIED, "", mode

@@ -29,7 +29,7 @@ from ich.constants import (AUGMENTED_CSV, CASCADE_JSON, EVAL_DIR, HISTORY_DIR, L
 from ich.data.labels import label_counts
 from ich.data.loading import load_split
 from ich.errors import StepError
-from ich.evaluation.inference import load_cascade, predict_split, read_cascade_json
+from ich.evaluation.inference import check_finite, load_cascade, predict_split, read_cascade_json
 from ich.evaluation.metrics import choose_threshold, evaluate_all
 from ich.evaluation.studies import aggregate_studies
 from ich.evaluation.report import fmt, pick_examples, write_report
@@ -83,6 +83,10 @@ def run(cfg: dict, force: bool = False) -> Path:
                         "use more patients or larger split.fractions[2]")
     test_table = test.table.iloc[test.targets].reset_index(drop=True)
     test_prob = predict_split(cascade, test, batch_size, "test")
+    try:
+        check_finite(test_prob, test_table["image_id"], "evaluate")  # issue 10
+    except ValueError as err:
+        raise StepError(str(err)) from err
     method = cfg["evaluate"]["threshold_method"]
     thresholds, source = cascade.thresholds, f"the run ({CASCADE_JSON}, chosen on val)"
     if cascade.meta.get("threshold_method") != method:

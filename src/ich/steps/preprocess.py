@@ -5,29 +5,38 @@ Out: work/png/<image_id>.png (uint8 RGB, image_size square, one window per chann
 `channels` order), work/images.csv (one row per good image, sorted by image_id) and
 work/failures.csv (image_id, path, reason; always written, maybe only a header).
 
+Isolation: every file is converted in a worker process (ich.compute, whatever
+preprocess.workers is), so a decoder that segfaults, is killed for memory or hangs past
+preprocess.file_timeout_s costs only that file: it is listed in failures.csv ("decoder crashed
+with signal 11 (SIGSEGV)", "decoder timed out after 60 s"), as is a file over
+preprocess.max_file_mb, and the run goes on. Failures are remembered: a rerun does not try those
+files again unless preprocess.retry_failed (`--retry-failed`). A failure of the machine (disk
+full, I/O error, too many open files, out of memory) is not the image's fault: the step stops
+with a message naming it, and nothing is recorded against the image.
+
 Resume: workers write each PNG under a temporary name and rename it, so no half PNG ever
-exists. The parent appends the rows of every finished chunk to the journal
-(work/.preprocess/parts/, one fsync'd file per chunk, written atomically); a run killed even
-with SIGKILL restarts from the journal, redoing only chunks that were in flight. At the end
-the journal is consolidated (deduplicated, sorted) into images.csv and failures.csv.
-Images are never held by the parent, only their small manifest rows, so memory stays flat.
-Tables are plain csv here (no pandas): workers import this module too, and pandas would add
-~0.5 s of start-up and ~60 MB to each of them.
+exists. The parent appends finished rows to the journal (work/.preprocess/parts/, one fsync'd
+file per chunk_size rows or few seconds, written atomically); a run killed even with SIGKILL
+restarts from the journal, redoing only images not yet journalled. At the end the journal is
+consolidated (deduplicated, sorted) into images.csv and failures.csv. Images are never held
+by the parent, only their small manifest rows, so memory stays flat. Tables are plain csv here
+(no pandas): workers import this module too, and pandas would add ~0.5 s of start-up and
+~60 MB to each of them. Dot-named files in work/dicom/ (a killed copy's temporary files) are
+never inputs.
 """
 
 from __future__ import annotations
 
 import csv
+import functools
 import logging
 import math
-import multiprocessing
 import os
 import shutil
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from ich.compute import TaskError, WorkerStartError, is_machine_error, machine_message, map_files
 from ich.errors import StepError
 from ich.config import resolve_workers
 from ich.constants import DICOM_DIR, FAILURES_CSV, IMAGES_CSV, PNG_DIR
@@ -44,7 +53,7 @@ IMAGE_COLUMNS = ("image_id", "patient_id", "study_id", "series_id", "position", 
                  "pixel_spacing", "storage", "path")
 FAILURE_COLUMNS = ("image_id", "path", "reason")
 _JOURNAL_COLUMNS = IMAGE_COLUMNS + ("reason",)
-_CHUNKS_PER_WORKER = 4   # at least this many chunks per worker, so one slow chunk cannot stall the end
+_JOURNAL_EVERY_S = 5.0   # finished rows reach the journal at least this often (and every chunk_size)
 _FAILURES_LOGGED = 10
 
 
@@ -76,11 +85,15 @@ def run(cfg: dict, force: bool = False) -> Path:
     images_csv, failures_csv, journal = work / IMAGES_CSV, work / FAILURES_CSV, work / JOURNAL_DIR
     if not source_dir.is_dir():
         raise StepError(f"{source_dir} not found; run `ich copy` first")
-    sources = {p.stem: p for p in sorted(source_dir.glob("*.dcm"))}
+    sources = dicom_files(source_dir)
     if not sources:
         raise StepError(f"no .dcm files in {source_dir}; run `ich copy` first")
     [stamp] = stamps(cfg)
     why = "forced" if force else reason(stamp)
+    retry = bool(pp.get("retry_failed")) and not force
+    failed_before = {row["image_id"] for row in _read_csv(failures_csv)} if retry else set()
+    if why is None and failed_before:
+        why = f"--retry-failed: trying the {len(failed_before):,} failed images again"
     if why is None:
         log.info("preprocess: %s is up to date (use --force to redo)", images_csv)
         return images_csv
@@ -97,6 +110,8 @@ def run(cfg: dict, force: bool = False) -> Path:
         leftover.unlink(missing_ok=True)
 
     known = _known_rows(work, journal, set(sources))
+    if retry:
+        known = {image_id: row for image_id, row in known.items() if not row["reason"]}
     todo = [path for image_id, path in sources.items() if image_id not in known]
     timer = Timer()
     counts = _process(todo, work, journal, settings(cfg), pp)
@@ -108,38 +123,45 @@ def run(cfg: dict, force: bool = False) -> Path:
     return images_csv
 
 
-def process_chunk(paths: list[str], work_dir: str, windows: list[tuple[float, float]],
-                  size: int) -> list[dict]:
-    """Convert DICOM files to PNGs under work_dir/png/; return one journal row per file.
+def dicom_files(folder: Path) -> dict[str, Path]:
+    """{image_id: path} of the `*.dcm` files in `folder`, sorted; dot-named files (the
+    temporary files of a killed copy, `.ID_x.dcm.XXXX.tmp.dcm`) are never inputs."""
+    return {p.stem: p for p in sorted(folder.glob("*.dcm")) if not p.name.startswith(".")}
 
-    Runs in a worker process. A file that fails gets a row with its reason, never an exception.
+
+def convert_file(path: str, work_dir: str, windows: list[tuple[float, float]], size: int,
+                 max_bytes: int | None = None) -> dict:
+    """Convert one DICOM file to a PNG under work_dir/png/; return its journal row.
+
+    Runs in a worker process (ich.compute). A problem of the file gives a row with its reason;
+    a problem of the machine (disk full, I/O error, out of memory) is raised, so that the step
+    stops and the image is not recorded as bad.
     """
     import cv2
 
+    from ich import faults
+    from ich.compute import is_machine_error
     from ich.data.dicom import DicomError, read_hu
     from ich.data.windowing import hu_to_rgb
 
-    work = Path(work_dir)
-    rows = []
-    for source in map(Path, paths):
-        image_id = source.stem
-        try:
-            hu, meta = read_hu(source)
-            rgb = hu_to_rgb(hu, windows, size)
-            ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), _png_params(cv2))
-            if not ok:
-                raise ValueError("PNG encoding failed")
-            _write_png(work / PNG_DIR / f"{image_id}.png", png)
-        except DicomError as err:
-            rows.append(_failure(image_id, source, work, str(err)))
-            continue
-        except Exception as err:  # noqa: BLE001 - one bad image must never stop the others
-            rows.append(_failure(image_id, source, work, f"{type(err).__name__}: {err}"))
-            continue
-        row = {key: _cell(meta[key]) for key in IMAGE_COLUMNS if key in meta}
-        row.update(image_id=image_id, path=f"{PNG_DIR}/{image_id}.png", reason="")
-        rows.append(row)
-    return rows
+    work, source = Path(work_dir), Path(path)
+    image_id = source.stem
+    try:
+        hu, meta = read_hu(source, max_bytes)
+        rgb = hu_to_rgb(hu, windows, size)
+        ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), _png_params(cv2))
+        if not ok:
+            raise ValueError("PNG encoding failed")
+        faults.check("write", image_id)
+        _write_png(work / PNG_DIR / f"{image_id}.png", png)
+    except Exception as err:  # noqa: BLE001 - one bad image must never stop the others
+        if is_machine_error(err):
+            raise
+        reason = str(err) if isinstance(err, DicomError) else f"{type(err).__name__}: {err}"
+        return _failure(image_id, source, work, reason)
+    row = {key: _cell(meta[key]) for key in IMAGE_COLUMNS if key in meta}
+    row.update(image_id=image_id, path=f"{PNG_DIR}/{image_id}.png", reason="")
+    return row
 
 
 def _write_png(path: Path, data) -> None:
@@ -161,55 +183,65 @@ def journal_ids(work_dir: str | Path) -> set[str]:
 
 
 def _process(todo: list[Path], work: Path, journal: Path, settings: dict, pp: dict) -> dict:
-    """Run the chunks in worker processes, journalling each finished chunk as it arrives."""
+    """Convert `todo` in isolated worker processes, journalling finished rows as they arrive.
+
+    A file that crashes or hangs its worker becomes a failure row naming what happened. A
+    machine failure stops the step (StepError) after journalling everything finished before it.
+    """
     counts = {"ok": 0, "failed": 0}
     if not todo:
         return counts
-    workers = max(1, resolve_workers(pp["workers"]))
-    chunk = max(1, min(pp["chunk_size"], math.ceil(len(todo) / (workers * _CHUNKS_PER_WORKER))))
-    chunks = [[str(p) for p in todo[i:i + chunk]] for i in range(0, len(todo), chunk)]
-    windows = [(float(c), float(w)) for _, c, w in settings["windows"]]
-    args = (str(work), windows, settings["image_size"])
+    workers = min(max(1, resolve_workers(pp["workers"])), len(todo))
+    max_mb = pp.get("max_file_mb")
+    convert = functools.partial(convert_file, work_dir=str(work),
+                                windows=[(float(c), float(w)) for _, c, w in settings["windows"]],
+                                size=settings["image_size"],
+                                max_bytes=int(max_mb * 2 ** 20) if max_mb else None)
     token = f"{time.time_ns():020d}"
-    with progress(total=len(todo), desc="preprocess", unit="img") as bar:
-        for seq, rows in enumerate(_results(chunks, args, min(workers, len(chunks)))):
-            # Whole or absent, and on disk before the next chunk counts as done.
-            _write_rows(journal / "parts" / f"{token}-{seq:07d}.csv", _JOURNAL_COLUMNS, rows, sync=True)
-            for row in rows:
+    rows: list[dict] = []
+    parts = 0
+    last_write = time.monotonic()
+
+    def write_part() -> None:
+        nonlocal parts, last_write
+        if rows:
+            # Whole or absent, and on disk before these images count as done.
+            _write_rows(journal / "parts" / f"{token}-{parts:07d}.csv", _JOURNAL_COLUMNS, rows, sync=True)
+            parts += 1
+            rows.clear()
+        last_write = time.monotonic()
+
+    try:
+        with progress(total=len(todo), desc="preprocess", unit="img") as bar:
+            for result in map_files(convert, [str(p) for p in todo], workers,
+                                    timeout_s=pp.get("file_timeout_s"), initializer=_init_worker):
+                row = result.value if result.ok else _failure(
+                    Path(result.item).stem, Path(result.item), work, f"decoder {result.failure}")
+                rows.append(row)
                 if row["reason"]:
                     counts["failed"] += 1
                     if counts["failed"] <= _FAILURES_LOGGED:
                         log.warning("preprocess: %s: %s", row["path"], row["reason"])
                 else:
                     counts["ok"] += 1
-            bar.update(len(rows))
+                bar.update(1)
+                if len(rows) >= pp["chunk_size"] or time.monotonic() - last_write > _JOURNAL_EVERY_S:
+                    write_part()
+    except TaskError as err:
+        if not is_machine_error(err):
+            raise
+        raise StepError(f"preprocess stopped: {machine_message(err)} while converting "
+                        f"{_relative(Path(err.item), work)}. Nothing is recorded against that "
+                        "image and finished images are kept: fix the cause and run the same "
+                        "command again") from err.error
+    except WorkerStartError as err:
+        raise StepError(f"preprocess: {err}") from err
+    finally:
+        write_part()
     if counts["failed"] > _FAILURES_LOGGED:
         log.warning("preprocess: %d more failures, all listed in %s",
                     counts["failed"] - _FAILURES_LOGGED, work / FAILURES_CSV)
     return counts
-
-
-def _results(chunks: list[list[str]], args: tuple, workers: int):
-    """Yield each chunk's rows as soon as it finishes, in any order (a slow file holds only its chunk)."""
-    if workers == 1:
-        for paths in chunks:
-            yield process_chunk(paths, *args)
-        return
-    # spawn: workers start clean (no inherited threads or locks from the parent) on every OS.
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                               initializer=_init_worker)
-    try:
-        pending = {pool.submit(process_chunk, paths, *args) for paths in chunks}
-        while pending:
-            done, pending = wait(pending, return_when=FIRST_COMPLETED)
-            for future in done:
-                yield future.result()
-    except BrokenProcessPool as err:
-        raise StepError("preprocess: a worker process died (out of memory, or a crash inside a "
-                        "pixel decoder?); finished images are kept: run the same command again "
-                        "to resume") from err
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _init_worker() -> None:

@@ -55,10 +55,16 @@ def run(cfg: dict, force: bool = False) -> Path:
         bad = frame.loc[frame["patient_id"].isna(), "image_id"].head(5).tolist()
         raise StepError(f"{images_csv}: empty patient_id for {bad}; every DICOM needs PatientID")
     try:
+        unplaced: list = []
         frame["split"] = assign_splits(frame["patient_id"], frame[list(LABELS)].to_numpy(),
-                                       tuple(cfg["split"]["fractions"]), cfg["seed"])
+                                       tuple(cfg["split"]["fractions"]), cfg["seed"], unplaced)
     except ValueError as err:
         raise StepError(f"split: {err}") from err
+    for j, name in unplaced:
+        label = LABELS[j]
+        n_pos = frame.loc[frame[label] > 0, "patient_id"].nunique()
+        log.warning("split: no positive patient for %s in %s (%d positive patient(s) in all, "
+                    "not enough for every split)", label, name, n_pos)
     frame = frame[["image_id", "split", "patient_id", "study_id", *LABELS]].sort_values("image_id")
     write_csv(frame, out)
 
