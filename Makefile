@@ -12,7 +12,7 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
 DEMO_DATA := data/synth
-DEMO_CONFIG := configs/demo.yaml
+DEMO_CONFIG := demo
 
 .PHONY: demo test test-all bench clean install
 
