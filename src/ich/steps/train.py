@@ -366,6 +366,9 @@ def _export(cfg: dict, stage: str, model, augmentation, best_path: Path, final_p
 
         clean = keras.models.clone_model(model, clone_function=lambda layer: layer,
                                          call_function=skip_augmentation)
+        # clone_model compiles the clone like the original, and a .keras file then names the
+        # backend's optimizer class (torch_adam), which other backends cannot import (issue 9).
+        clean = keras.Model(clean.inputs, clean.outputs, name=clean.name)
     else:
         keras.mixed_precision.set_global_policy("float32")
         try:

@@ -1,0 +1,107 @@
+"""The one module that knows which Keras backend runs: selection, GPU detection, versions, seed.
+
+In: a backend name from the config ("auto" | "torch" | "jax" | "tensorflow") and the "auto" /
+true / false switches of mixed precision and XLA. Out: the resolved name (KERAS_BACKEND set before
+Keras is imported), booleans, and a version dict recorded next to trained models.
+Everything backend-specific (torch, jax, tensorflow imports) lives here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import importlib.util
+import os
+import sys
+
+VALID = ("torch", "jax", "tensorflow")
+DEFAULT = "torch"
+# Distribution that provides each backend (for versions and install hints).
+PACKAGE = {"torch": "torch", "jax": "jax", "tensorflow": "tensorflow"}
+
+
+def select_backend(name: str = "auto") -> str:
+    """Resolve `name`, set KERAS_BACKEND and return it.
+
+    "auto" = the backend of an already imported keras, else $KERAS_BACKEND, else torch.
+    Must run before anything imports keras: Keras reads the variable once, at import. Raises
+    RuntimeError if keras is already loaded with another backend, ValueError for an unknown
+    name and ImportError when the backend package is not installed.
+    """
+    if name == "auto":
+        loaded = sys.modules.get("keras")
+        name = loaded.backend.backend() if loaded else os.environ.get("KERAS_BACKEND") or DEFAULT
+    if name not in VALID:
+        raise ValueError(f"unknown Keras backend {name!r}; valid: {list(VALID)} or 'auto'")
+    if "keras" in sys.modules:
+        current = sys.modules["keras"].backend.backend()
+        if current != name:
+            raise RuntimeError(
+                f"Keras is already imported with the {current!r} backend, but {name!r} was asked "
+                f"for. Keras picks its backend once, at import: set KERAS_BACKEND={name} in the "
+                f"environment (or train.backend: {current}) and start again.")
+    if importlib.util.find_spec(PACKAGE[name]) is None:
+        raise ImportError(
+            f"Keras backend {name!r} needs the {PACKAGE[name]!r} package, which is not installed: "
+            f"pip install 'ich[{name}]', or choose another train.backend")
+    os.environ["KERAS_BACKEND"] = name
+    return name
+
+
+def current() -> str:
+    """Name of the backend Keras uses (imports keras)."""
+    import keras
+
+    return keras.backend.backend()
+
+
+def has_gpu() -> bool:
+    """True when the active backend sees at least one GPU."""
+    name = current()
+    if name == "torch":
+        import torch
+
+        return bool(torch.cuda.is_available())
+    if name == "jax":
+        import jax
+
+        try:
+            return len(jax.devices("gpu")) > 0
+        except RuntimeError:  # jax raises when no GPU platform is present
+            return False
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        return len(tf.config.list_physical_devices("GPU")) > 0
+    return False
+
+
+def resolve_mixed_precision(value) -> bool:
+    """"auto" -> True on a GPU only (float16 on CPU is slower, not faster); bools pass through."""
+    return has_gpu() if value == "auto" else bool(value)
+
+
+def resolve_jit(value) -> bool:
+    """"auto" -> True on a GPU only (compilation costs more than it saves on CPU); bools pass."""
+    return has_gpu() if value == "auto" else bool(value)
+
+
+def versions() -> dict:
+    """{"ich": .., "keras": .., <backend>: ..} for the active backend, recorded with each model."""
+    import keras
+
+    import ich
+
+    name = current()
+    try:
+        backend_version = importlib.metadata.version(PACKAGE[name])
+    except importlib.metadata.PackageNotFoundError:
+        backend_version = "unknown"
+    return {"ich": ich.__version__, "keras": keras.__version__, name: backend_version}
+
+
+def set_seed(seed: int) -> None:
+    """Seed Python, NumPy and the backend's generator so that runs repeat."""
+    import keras
+
+    keras.utils.set_random_seed(int(seed))

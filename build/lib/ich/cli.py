@@ -1,0 +1,199 @@
+"""The one `ich` command: `ich <step> [--config C] [--set k=v ...] [--force]`, `ich run`,
+`ich synth`, `ich predict`, `ich config show|init|schema`.
+
+Each step lives in `ich.steps.<name>` and exposes `run(cfg, force=False) -> Path`. Steps are
+imported lazily so that data steps start without importing Keras.
+
+Exit codes (also in the README): 0 done; 1 an unexpected error (a bug: the traceback is
+printed); 2 a usage, config or data error whose message names the fix; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+from ich import __version__
+from ich import config as config_mod
+from ich.constants import RESOLVED_CONFIG, STEPS
+from ich.errors import StepError  # noqa: F401  (re-exported: steps raise ich.cli.StepError)
+
+log = logging.getLogger("ich")
+
+
+EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Log files get timestamps and levels; the terminal gets the bare message.
+FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `ich` console script; returns the process exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    setup_logging(verbose=args.verbose, quiet=args.quiet, log_file=args.log_file)
+    try:
+        return args.func(args)
+    except (config_mod.ConfigError, StepError, FileNotFoundError) as err:
+        log.error("error: %s", err)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        log.error("interrupted; finished work is kept, run the same command again to resume")
+        return EXIT_INTERRUPTED
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False, log_file: str | None = None) -> None:
+    """Messages of the `ich` logger to stderr and, with timestamps and levels, to `log_file`.
+
+    The level is set on our logger, not the root: libraries keep their own (quieter) levels.
+    -v shows debug messages, -q only warnings and errors (in the file too).
+    """
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    for handler in [h for h in log.handlers if getattr(h, "_ich_log_file", False)]:
+        log.removeHandler(handler)  # a second main() in one process must not log twice
+        handler.close()
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter(FILE_FORMAT))
+        handler._ich_log_file = True
+        log.addHandler(handler)
+
+
+def run_step(name: str, cfg: dict, force: bool = False) -> Path:
+    """Run one pipeline step by name after saving the resolved config next to its outputs."""
+    work = Path(cfg["paths"]["work_dir"])
+    config_mod.save(cfg, work / RESOLVED_CONFIG)
+    module = importlib.import_module(f"ich.steps.{name}")
+    return module.run(cfg, force=force)
+
+
+def _cmd_step(args) -> int:
+    cfg = config_mod.load(args.config, args.set)
+    run_step(args.command, cfg, force=args.force)
+    return 0
+
+
+def _cmd_run(args) -> int:
+    cfg = config_mod.load(args.config, args.set)
+    first = STEPS.index(args.from_step)
+    last = STEPS.index(args.to_step)
+    if first > last:
+        raise StepError(f"--from {args.from_step} comes after --to {args.to_step}")
+    for name in STEPS[first:last + 1]:
+        # --force applies to the first step only; later steps see its new outputs as stale.
+        run_step(name, cfg, force=args.force and name == args.from_step)
+    return 0
+
+
+def _cmd_synth(args) -> int:
+    from ich.synth import generate
+
+    generate(Path(args.out_dir), patients=args.patients, slices=args.slices, seed=args.seed,
+             workers=args.workers, size=args.size)
+    return 0
+
+
+def _cmd_predict(args) -> int:
+    from ich.steps import predict
+
+    cfg = config_mod.load(args.config, args.set)
+    predict.predict_paths([Path(p) for p in args.paths], Path(args.model), Path(args.out), cfg)
+    return 0
+
+
+def _cmd_config_show(args) -> int:
+    print(config_mod.dump(config_mod.load(args.config, args.set)), end="")
+    return 0
+
+
+def _cmd_config_init(args) -> int:
+    path = config_mod.write_starter(Path(args.path), force=args.force)
+    log.info("config: starter config written to %s; run `ich run --config %s`", path, path)
+    return 0
+
+
+def _cmd_config_schema(args) -> int:
+    print(json.dumps(config_mod.json_schema(), indent=2))
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="C", help=(
+        "experiment YAML overriding the defaults: a path, or a packaged config's name "
+        f"({', '.join(config_mod.packaged_names())}); without it, the defaults (`ich config show`)"))
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override one config key, the value read as YAML (--set train.batch_size=16); repeatable")
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ich", description="Intracranial hemorrhage detection on head CT (RSNA 2019). "
+        "Research use only, not for clinical diagnosis.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
+    parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="also write every message, with timestamps, to PATH (appended)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    helps = {
+        "sample": "RSNA long CSV -> labels.csv (wide) and sampled.csv (balanced sample)",
+        "copy": "copy the sampled DICOMs into work/dicom/ (threads)",
+        "preprocess": "DICOM -> HU -> 3 windows -> RGB PNG in work/png/, images.csv, failures.csv",
+        "split": "patient-grouped, label-stratified train/val/test -> splits.csv",
+        "augment": "offline augmentation of the training split -> work/augmented/",
+        "train": "train the two-stage cascade -> run_dir/stage1.keras, stage2.keras, cascade.json",
+        "evaluate": "test-split metrics, plots and report.md -> run_dir/eval/",
+    }
+    for name in STEPS:
+        p = sub.add_parser(name, help=helps[name])
+        _add_config_args(p)
+        p.add_argument("--force", action="store_true", help="redo the step even if its outputs are complete")
+        p.set_defaults(func=_cmd_step)
+
+    p = sub.add_parser("run", help="run several steps in order, skipping finished ones")
+    _add_config_args(p)
+    p.add_argument("--from", dest="from_step", choices=STEPS, default=STEPS[0], metavar="STEP",
+                   help=f"first step ({', '.join(STEPS)}; default {STEPS[0]})")
+    p.add_argument("--to", dest="to_step", choices=STEPS, default=STEPS[-1], metavar="STEP",
+                   help=f"last step (default {STEPS[-1]})")
+    p.add_argument("--force", action="store_true", help="redo the --from step even if complete")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("synth", help="write phantom head CTs in the exact RSNA file format")
+    p.add_argument("out_dir", help="writes OUT_DIR/stage_2_train/ID_<hex>.dcm and OUT_DIR/stage_2_train.csv")
+    p.add_argument("--patients", type=int, default=20, help="number of patients (one study each, some two)")
+    p.add_argument("--slices", type=int, default=24, help="axial slices per study")
+    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same files")
+    p.add_argument("--size", type=int, default=512, help="image side in pixels (RSNA: 512)")
+    p.add_argument("--workers", default="auto", help="processes; auto = all cores")
+    p.set_defaults(func=_cmd_synth)
+
+    p = sub.add_parser("predict", help="predict DICOM files, folders of them, or PNGs")
+    p.add_argument("paths", nargs="+", help="DICOM or PNG files, or folders of them")
+    p.add_argument("--model", required=True, help="run directory holding stage1.keras, stage2.keras, cascade.json")
+    p.add_argument("--out", required=True, help="output folder for predictions.csv, submission.csv, studies.csv")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("config", help="print the resolved config, write a starter config, or the JSON Schema")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    q = config_sub.add_parser("show", help="print the resolved config (defaults + --config + --set) as YAML")
+    _add_config_args(q)
+    q.set_defaults(func=_cmd_config_show)
+    q = config_sub.add_parser("init", help="write a starter config: every key, its default and what it does")
+    q.add_argument("path", help="YAML file to write, e.g. my_experiment.yaml")
+    q.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
+    q.set_defaults(func=_cmd_config_init)
+    q = config_sub.add_parser("schema", help="print the config's JSON Schema (for editors' completion and checks)")
+    q.set_defaults(func=_cmd_config_schema)
+    return parser
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Names shared by every step: label order, artifact file names, step order.
+
+Outside scripts rely on these names; change one only with a migration note in the README.
+"""
+
+# Label order everywhere inside ich. The RSNA CSV lists `any` last: convert at the boundary.
+LABELS = ("any", "epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural")
+SUBTYPES = LABELS[1:]
+# Order of the six rows per image in stage_2_train.csv and in a submission.
+RSNA_ORDER = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
+
+# Artifacts of steps 1-5, relative to paths.work_dir.
+LABELS_CSV = "labels.csv"
+SAMPLED_CSV = "sampled.csv"
+DICOM_DIR = "dicom"
+PNG_DIR = "png"
+IMAGES_CSV = "images.csv"
+FAILURES_CSV = "failures.csv"
+MISSING_CSV = "missing.csv"
+SPLITS_CSV = "splits.csv"
+AUGMENTED_DIR = "augmented"
+AUGMENTED_CSV = "augmented.csv"
+PACKED_DIR = "packed"
+RESOLVED_CONFIG = "config.resolved.yaml"
+
+# Artifacts of train/evaluate, relative to paths.run_dir.
+STAGE1_MODEL = "stage1.keras"
+STAGE2_MODEL = "stage2.keras"
+CASCADE_JSON = "cascade.json"
+HISTORY_DIR = "history"
+LOGS_DIR = "logs"
+EVAL_DIR = "eval"
+METRICS_JSON = "metrics.json"
+PREDICTIONS_CSV = "predictions.csv"
+REPORT_MD = "report.md"
+
+# Prediction outputs (ich predict --out DIR).
+SUBMISSION_CSV = "submission.csv"
+STUDIES_CSV = "studies.csv"
+
+# Pipeline order for `ich run`.
+STEPS = ("sample", "copy", "preprocess", "split", "augment", "train", "evaluate")

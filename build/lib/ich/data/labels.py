@@ -1,0 +1,145 @@
+"""RSNA labels: the long CSV to a wide table, and the balanced sampler.
+
+In: `stage_2_train.csv` (`ID,Label`, IDs `ID_<hex>_<subtype>`, six rows per image, `any` last).
+Out: a wide DataFrame, one row per image: `image_id` + LABELS (int8 0/1), sorted by image_id;
+and a balanced sample of it.
+
+The full RSNA CSV has 4.5 million rows: parsing goes through pyarrow (multi-threaded CSV reader,
+vectorised string kernels) and numpy, never a Python loop per row, so it takes seconds.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pacsv
+
+from ich.constants import LABELS, RSNA_ORDER, SUBTYPES
+
+_ID_PATTERN = r"^(?P<image_id>ID_[0-9a-fA-F]+)_(?P<subtype>[a-z]+)$"
+
+
+class LabelError(ValueError):
+    """Labels that cannot be used as they are; the message names the rows or IDs at fault."""
+
+
+def read_long_csv(path: str | Path) -> pa.Table:
+    """Read an RSNA long-format CSV into an Arrow table with columns ID (string), Label (int8)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels CSV {path} not found; set paths.labels_csv to stage_2_train.csv")
+    try:
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+            column_types={"ID": pa.string(), "Label": pa.int8()}, include_columns=["ID", "Label"]))
+    except (pa.ArrowInvalid, KeyError) as err:
+        raise LabelError(f"{path}: expected an RSNA CSV with columns ID,Label ({err})") from err
+    return table
+
+
+def long_to_wide(table: pa.Table, source: str = "labels CSV") -> pd.DataFrame:
+    """Pivot the long table to one row per image with columns image_id + LABELS.
+
+    Exact duplicate rows are dropped (the RSNA file lists 4 images twice); the same
+    (image, subtype) with two different labels is an error naming the IDs; an image without all
+    six rows is an error too. Labels must be 0 or 1.
+    """
+    ids = table.column("ID")
+    labels = table.column("Label")
+    if ids.null_count or labels.null_count:
+        first = _first_index(pc.or_(pc.is_null(ids), pc.is_null(labels)))
+        raise LabelError(f"{source}: empty ID or Label on data row {first + 1}")
+    parts = pc.extract_regex(ids, _ID_PATTERN)
+    bad = pc.is_null(parts)
+    if pc.any(bad).as_py():
+        row = _first_index(bad)
+        raise LabelError(f"{source}: data row {row + 1} has ID {ids[row].as_py()!r}; "
+                         "expected ID_<hex>_<subtype>")
+    subtype_idx = pc.index_in(pc.struct_field(parts, "subtype"), value_set=pa.array(RSNA_ORDER))
+    if subtype_idx.null_count:
+        row = _first_index(pc.is_null(subtype_idx))
+        raise LabelError(f"{source}: data row {row + 1} has unknown subtype in {ids[row].as_py()!r}; "
+                         f"expected one of {list(RSNA_ORDER)}")
+    label_np = labels.to_numpy()
+    if ((label_np != 0) & (label_np != 1)).any():
+        row = int(np.flatnonzero((label_np != 0) & (label_np != 1))[0])
+        raise LabelError(f"{source}: data row {row + 1} has Label {label_np[row]}; expected 0 or 1")
+
+    encoded = pc.struct_field(parts, "image_id").combine_chunks().dictionary_encode()
+    image_ids = encoded.dictionary.to_numpy(zero_copy_only=False)
+    image_idx = encoded.indices.to_numpy()
+    sub_np = subtype_idx.to_numpy()
+
+    # One cell per (image, subtype): sort the cell keys; equal neighbours are duplicates.
+    keys = image_idx.astype(np.int64) * len(RSNA_ORDER) + sub_np
+    order = np.argsort(keys, kind="stable")
+    keys, label_sorted = keys[order], label_np[order]
+    same = keys[1:] == keys[:-1]
+    conflict = same & (label_sorted[1:] != label_sorted[:-1])
+    if conflict.any():
+        bad_ids = sorted({image_ids[k // len(RSNA_ORDER)] for k in keys[1:][conflict]})
+        raise LabelError(f"{source}: conflicting duplicate labels for {len(bad_ids)} image(s): "
+                         f"{', '.join(bad_ids[:10])}; fix or remove those rows")
+    keep = np.concatenate([[True], ~same])
+    keys, label_sorted = keys[keep], label_sorted[keep]
+
+    wide = np.full((len(image_ids), len(RSNA_ORDER)), -1, dtype=np.int8)
+    wide[keys // len(RSNA_ORDER), keys % len(RSNA_ORDER)] = label_sorted
+    incomplete = (wide < 0).any(axis=1)
+    if incomplete.any():
+        bad_ids = sorted(image_ids[incomplete])
+        raise LabelError(f"{source}: {len(bad_ids)} image(s) lack some of the six subtype rows: "
+                         f"{', '.join(bad_ids[:10])}")
+    columns = [RSNA_ORDER.index(label) for label in LABELS]
+    frame = pd.DataFrame(wide[:, columns], columns=list(LABELS))
+    frame.insert(0, "image_id", image_ids.astype(str))
+    return frame.sort_values("image_id", ignore_index=True)
+
+
+def duplicate_row_count(table: pa.Table) -> int:
+    """Number of rows beyond the first for each repeated ID (the RSNA file has 24: 4 images x 6)."""
+    return table.num_rows - pc.count_distinct(table.column("ID")).as_py()
+
+
+def any_mismatches(wide: pd.DataFrame) -> pd.Series:
+    """Image ids whose `any` differs from the OR of the subtypes (none in RSNA)."""
+    derived = wide[list(SUBTYPES)].max(axis=1)
+    return wide.loc[derived != wide["any"], "image_id"]
+
+
+def balanced_sample(wide: pd.DataFrame, per_label: int, seed: int,
+                    exclude: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
+    """Up to `per_label` positives of each subtype (all where fewer exist) plus `per_label` negatives.
+
+    Images drawn for several labels are kept once, so the sample is smaller than 6 x per_label
+    (about 55k of RSNA's 752k at 10,000). Returns rows of `wide`, sorted by image_id.
+    """
+    rng = np.random.default_rng(seed)
+    pool = wide[~wide["image_id"].isin(set(exclude))]
+    chosen: list[np.ndarray] = []
+    for label in SUBTYPES:
+        chosen.append(_draw(pool.index[pool[label] == 1].to_numpy(), per_label, rng))
+    chosen.append(_draw(pool.index[pool["any"] == 0].to_numpy(), per_label, rng))
+    rows = np.unique(np.concatenate(chosen))
+    return wide.loc[rows].sort_values("image_id", ignore_index=True)
+
+
+def label_counts(wide: pd.DataFrame) -> dict[str, int]:
+    """Positives per label plus the image and negative counts, for summaries."""
+    counts = {"images": len(wide)}
+    counts.update({label: int(wide[label].sum()) for label in LABELS})
+    counts["negatives"] = int((wide["any"] == 0).sum())
+    return counts
+
+
+def _draw(candidates: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    if len(candidates) <= n:
+        return candidates
+    return rng.choice(candidates, size=n, replace=False)
+
+
+def _first_index(mask) -> int:
+    return int(np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False)))[0])

@@ -1,0 +1,127 @@
+"""RandomWarp: one Keras layer for random rotation, zoom, shift and elastic warping.
+
+In: float (N, H, W, C) images (channels last). Out: the same shape, each image resampled once
+(bilinear, zeros outside) through its own random affine map plus, with probability
+elastic_p, a smooth random displacement field. Identity at inference (training=False).
+
+Why not keras.layers.RandomRotation/RandomZoom/RandomTranslation/RandomElasticTransform:
+the first three mark themselves `supports_jit = False`, which silently turns off XLA for the
+whole model (JAX then runs op by op), each resamples the image again (three blurs, three
+times the cost), and RandomElasticTransform fails to trace under jax.jit in Keras 3.15. This
+layer uses only keras.ops and a single gather-based resampling, so it traces on every backend.
+"""
+
+from __future__ import annotations
+
+import math
+
+import keras
+from keras import ops
+
+# The elastic field is random noise on a coarse grid of this many control points per side,
+# upsampled bicubically: a smooth field whose wiggles span about 1/8 of the image.
+ELASTIC_GRID = 8
+
+
+@keras.saving.register_keras_serializable(package="ich")
+class RandomWarp(keras.layers.Layer):
+    """Random rotation (fraction of a full turn), zoom and shift (fractions of the side),
+    and elastic displacement (probability elastic_p, at most elastic_scale of the side).
+    """
+
+    def __init__(self, rotation: float = 0.0, zoom: float = 0.0, translate: float = 0.0,
+                 elastic_p: float = 0.0, elastic_scale: float = 0.0, seed: int | None = None,
+                 **kwargs):
+        super().__init__(**kwargs)
+        self.rotation = float(rotation)
+        self.zoom = float(zoom)
+        self.translate = float(translate)
+        self.elastic_p = float(elastic_p)
+        self.elastic_scale = float(elastic_scale)
+        self.seed = seed
+        self.seed_generator = keras.random.SeedGenerator(seed)
+        # TensorFlow's XLA path is untested here; keep Keras' own conservative choice there.
+        self.supports_jit = keras.backend.backend() != "tensorflow"
+
+    def call(self, images, training=None):
+        """Warp `images` when training; return them unchanged otherwise."""
+        if not training:
+            return images
+        images = ops.cast(images, self.compute_dtype)
+        shape = ops.shape(images)
+        n, height, width = shape[0], images.shape[1], images.shape[2]
+        src_y, src_x = self._affine_grid(n, height, width)
+        if self.elastic_p > 0 and self.elastic_scale > 0:
+            dy, dx = self._elastic_field(n, height, width)
+            src_y, src_x = src_y + dy, src_x + dx
+        return bilinear_sample(images, src_y, src_x)
+
+    def _uniform(self, n, limit):
+        return keras.random.uniform((n,), -limit, limit, seed=self.seed_generator,
+                                    dtype=self.compute_dtype)
+
+    def _affine_grid(self, n, height, width):
+        """Source coordinates (N, H, W) of every output pixel under a random affine map."""
+        angle = self._uniform(n, 2.0 * math.pi * self.rotation)
+        scale = 1.0 + self._uniform(n, self.zoom)
+        shift_y = self._uniform(n, self.translate * height)
+        shift_x = self._uniform(n, self.translate * width)
+        cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+        yy, xx = ops.meshgrid(ops.arange(height, dtype=self.compute_dtype) - cy,
+                              ops.arange(width, dtype=self.compute_dtype) - cx, indexing="ij")
+
+        def per_image(v):
+            return ops.reshape(v, (-1, 1, 1))
+
+        cos, sin = per_image(ops.cos(angle) * scale), per_image(ops.sin(angle) * scale)
+        src_y = cos * yy - sin * xx + cy + per_image(shift_y)
+        src_x = sin * yy + cos * xx + cx + per_image(shift_x)
+        return src_y, src_x
+
+    def _elastic_field(self, n, height, width):
+        """A smooth random displacement (dy, dx), each (N, H, W), zero for images not drawn."""
+        coarse = keras.random.uniform((n, ELASTIC_GRID, ELASTIC_GRID, 2), -1.0, 1.0,
+                                      seed=self.seed_generator, dtype=self.compute_dtype)
+        field = ops.image.resize(coarse, (height, width), interpolation="bicubic",
+                                 data_format="channels_last")
+        drawn = keras.random.uniform((n,), 0.0, 1.0, seed=self.seed_generator,
+                                     dtype=self.compute_dtype) < self.elastic_p
+        amplitude = ops.where(drawn, self.elastic_scale * max(height, width), 0.0)
+        field = field * ops.reshape(ops.cast(amplitude, self.compute_dtype), (-1, 1, 1, 1))
+        return field[..., 0], field[..., 1]
+
+    def compute_output_shape(self, input_shape):
+        """Same shape as the input."""
+        return input_shape
+
+    def get_config(self):
+        """Constructor arguments, for saving and loading .keras files."""
+        return {**super().get_config(), "rotation": self.rotation, "zoom": self.zoom,
+                "translate": self.translate, "elastic_p": self.elastic_p,
+                "elastic_scale": self.elastic_scale, "seed": self.seed}
+
+
+def bilinear_sample(images, src_y, src_x):
+    """Sample channels-last `images` (N, H, W, C) at float coordinates src_y, src_x (N, H, W).
+
+    Bilinear; points outside the image read 0 (air is black in every CT window).
+    """
+    images = ops.convert_to_tensor(images)
+    src_y = ops.convert_to_tensor(src_y, dtype=images.dtype)
+    src_x = ops.convert_to_tensor(src_x, dtype=images.dtype)
+    height, width, channels = images.shape[1], images.shape[2], images.shape[3]
+    flat = ops.reshape(images, (-1, height * width, channels))
+    y0, x0 = ops.floor(src_y), ops.floor(src_x)
+    wy, wx = src_y - y0, src_x - x0
+    out = None
+    for dy, dx, weight in ((0, 0, (1 - wy) * (1 - wx)), (0, 1, (1 - wy) * wx),
+                           (1, 0, wy * (1 - wx)), (1, 1, wy * wx)):
+        yy, xx = y0 + dy, x0 + dx
+        inside = (yy >= 0) & (yy <= height - 1) & (xx >= 0) & (xx <= width - 1)
+        index = ops.clip(yy, 0, height - 1) * width + ops.clip(xx, 0, width - 1)
+        index = ops.reshape(ops.cast(index, "int32"), (-1, height * width, 1))
+        values = ops.take_along_axis(flat, ops.repeat(index, channels, axis=2), axis=1)
+        weight = ops.where(inside, weight, 0.0)
+        term = ops.reshape(values, ops.shape(images)) * ops.expand_dims(weight, -1)
+        out = term if out is None else out + term
+    return out

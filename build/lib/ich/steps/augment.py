@@ -1,0 +1,221 @@
+"""Step 5, augment: augmented copies of rare-subtype training images -> work/augmented/.
+
+In: work/splits.csv (train rows only; val and test are never read) and their PNGs in
+work/png/, the `augment` config section and the seed. Out: work/augmented/<id>__aug<k>.png
+and work/augmented.csv (image_id, source_id, path relative to work_dir, LABELS); with
+augment.enabled false, a header-only augmented.csv.
+
+Each copy is seeded from (seed, source id, k), so its pixels do not depend on the number of
+workers or the order they run in. PNGs are written atomically; a killed run resumes and
+makes only the copies still missing. A change to the pipeline settings (or to the source
+PNGs) discards the old copies; a change to the plan alone (target, cap) keeps the ones
+still planned. An unreadable source image is logged and recorded in
+augmented/failures.csv, never fatal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ich.data.offline_augment import augment_copy, copy_seed, label_counts, offline_pipeline, plan_copies
+from ich.config import resolve_workers
+from ich.errors import StepError
+from ich.data.png import read_png
+from ich.constants import AUGMENTED_CSV, AUGMENTED_DIR, IMAGES_CSV, LABELS, PNG_DIR, SPLITS_CSV
+from ich.io import Timer, atomic_write_bytes, atomic_write_text, is_done, mark_done, mtime, progress, \
+    summary, write_csv
+
+log = logging.getLogger("ich")
+
+# Bump when the offline pipeline changes so old copies are not mistaken for current ones.
+METHOD = "albumentations/v1"
+OUT_COLUMNS = ["image_id", "source_id", "path", *LABELS]
+# Keys of the `augment` section that decide a copy's pixels (the rest only decide the plan).
+PIXEL_KEYS = ("hflip_p", "vflip_p", "rotate_limit", "rotate_p", "brightness_limit",
+              "contrast_limit", "brightness_contrast_p", "blur_p", "elastic_p", "elastic_alpha",
+              "elastic_sigma")
+SETTINGS_FILE = ".settings.json"   # in augmented/: the pixel settings its PNGs were made with
+FAILURES_FILE = "failures.csv"     # in augmented/: source images that could not be augmented
+_SOURCES_PER_TASK = 16             # amortises inter-process overhead
+_COPIES_PER_WORKER = 200           # ~2 s of work per core at 256 px, about a worker's start-up
+_FAILURES_LOGGED = 10
+
+
+def run(cfg: dict, force: bool = False) -> Path:
+    """Make the augmented copies of the training split; return the augmented.csv path."""
+    work = Path(cfg["paths"]["work_dir"])
+    aug = cfg["augment"]
+    splits_csv, out_csv, out_dir = work / SPLITS_CSV, work / AUGMENTED_CSV, work / AUGMENTED_DIR
+    if not splits_csv.is_file():
+        raise StepError(f"{splits_csv} not found; run `ich split` first")
+    settings = {"seed": cfg["seed"], "method": METHOD, "pixels": {k: aug[k] for k in PIXEL_KEYS},
+                "sources_mtime": mtime(work / IMAGES_CSV)}
+    params = {**settings, "enabled": aug["enabled"], "target_per_label": aug["target_per_label"],
+              "max_copies_per_image": aug["max_copies_per_image"],
+              "splits_mtime": mtime(splits_csv)}
+    if not force and is_done(work, "augment", params, [out_csv]):
+        log.info("augment: %s is up to date (use --force to redo)", out_csv)
+        return out_csv
+
+    timer = Timer()
+    train = _train_rows(work, splits_csv)
+    if not aug["enabled"]:
+        write_csv(pd.DataFrame(columns=OUT_COLUMNS), out_csv)
+        line = summary("augment", f"disabled (augment.enabled: false); wrote a header-only "
+                       f"{out_csv.name}, {len(train):,} training images unchanged", 0, "images", timer)
+        mark_done(work, "augment", params, line)
+        return out_csv
+
+    plan = plan_copies(train, int(aug["target_per_label"]), int(aug["max_copies_per_image"]),
+                       int(cfg["seed"]))
+    plan["path"] = [f"{AUGMENTED_DIR}/{i}.png" for i in plan["image_id"]]
+    _prepare_dir(out_dir, settings, force, keep=set(plan["image_id"]))
+    todo = plan[[not (work / p).is_file() for p in plan["path"]]]
+    # A worker process takes ~2 s to start (albumentations imports torch): worth it only
+    # for a few hundred copies each.
+    workers = max(1, min(resolve_workers(aug["workers"]), len(todo) // _COPIES_PER_WORKER))
+    written, failures = _make_copies(todo, work, train.set_index("image_id")["png"], aug,
+                                     int(cfg["seed"]), workers)
+    write_csv(pd.DataFrame(failures, columns=["image_id", "path", "reason"]),
+              out_dir / FAILURES_FILE)
+    failed = {f[0] for f in failures}
+    made = plan[~plan["source_id"].isin(failed)]
+    write_csv(made[OUT_COLUMNS], out_csv)
+
+    _log_counts(train, made)
+    line = summary("augment", f"{len(made):,} copies of {made['source_id'].nunique():,} training "
+                   f"images ({written:,} new, {len(plan) - len(todo):,} kept, "
+                   f"{len(failed)} source(s) failed) with {workers} worker(s)", written, "images",
+                   timer)
+    mark_done(work, "augment", params, line)
+    return out_csv
+
+
+def _train_rows(work: Path, splits_csv: Path) -> pd.DataFrame:
+    """Train rows of splits.csv (image_id, LABELS, png path); rows without a PNG are dropped."""
+    splits = pd.read_csv(splits_csv, dtype={"image_id": str})
+    missing = [c for c in ("image_id", "split", *LABELS) if c not in splits.columns]
+    if missing:
+        raise StepError(f"{splits_csv}: missing columns {missing}; run `ich split --force`")
+    train = splits.loc[splits["split"] == "train", ["image_id", *LABELS]].reset_index(drop=True)
+    train["png"] = [str(work / PNG_DIR / f"{i}.png") for i in train["image_id"]]
+    present = np.array([Path(p).is_file() for p in train["png"]], dtype=bool)
+    if not present.all():
+        lost = train.loc[~present, "image_id"].tolist()
+        log.warning("augment: %d training image(s) have no PNG in %s and are not augmented "
+                    "(first: %s); run `ich preprocess`", len(lost), work / PNG_DIR, lost[:5])
+    return train[present].reset_index(drop=True)
+
+
+def _prepare_dir(out_dir: Path, settings: dict, force: bool, keep: set[str]) -> None:
+    """Empty out_dir when forced or made with other settings; drop copies no longer planned."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    settings_path = out_dir / SETTINGS_FILE
+    old = json.loads(settings_path.read_text()) if settings_path.is_file() else None
+    reset = force or old != json.loads(json.dumps(settings))
+    if reset and old is not None and not force:
+        log.info("augment: pipeline settings or source PNGs changed; remaking every copy")
+    removed = 0
+    for png in out_dir.glob("*.png"):
+        if reset or png.stem not in keep:
+            png.unlink()
+            removed += 1
+    for leftover in out_dir.glob(".*.tmp*"):  # temporary files of a killed run
+        leftover.unlink(missing_ok=True)
+    if removed and not reset:
+        log.info("augment: removed %d copies the current plan no longer needs", removed)
+    atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+
+
+def _make_copies(todo: pd.DataFrame, work: Path, sources: pd.Series, aug: dict, seed: int,
+                 workers: int) -> tuple[int, list[tuple[str, str, str]]]:
+    """Write the copies in `todo`; return (copies written, failures as (source_id, source
+    path, reason))."""
+    tasks = []
+    groups = [(source, [(str(work / p), copy_seed(seed, source, int(k)))
+                        for p, k in zip(rows["path"], rows["copy"])])
+              for source, rows in todo.groupby("source_id", sort=False)]
+    for start in range(0, len(groups), _SOURCES_PER_TASK):
+        chunk = groups[start:start + _SOURCES_PER_TASK]
+        tasks.append([(source, sources[source], outs) for source, outs in chunk])
+    written, failures = 0, []
+    bar = progress(total=len(todo), desc="augment", unit="img")
+    if workers <= 1 or len(tasks) <= 1:
+        results = (augment_task(task, aug, seed) for task in tasks)
+        for made, failed in results:
+            written += made
+            bar.update(made)
+            failures += failed
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=workers, mp_context=context,
+                                 initializer=_init_worker) as pool:
+            futures = [pool.submit(augment_task, task, aug, seed) for task in tasks]
+            for future in as_completed(futures):
+                made, failed = future.result()
+                written += made
+                bar.update(made)
+                failures += failed
+    bar.close()
+    for source, path, reason in failures[:_FAILURES_LOGGED]:
+        log.warning("augment: %s (%s): %s", source, path, reason)
+    if len(failures) > _FAILURES_LOGGED:
+        log.warning("augment: ... and %d more failures", len(failures) - _FAILURES_LOGGED)
+    return written, sorted(failures)
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core already; OpenCV threads would oversubscribe
+
+
+_PIPELINE: dict = {}   # per process: the pipeline, built once
+
+
+def augment_task(task: list, aug: dict, seed: int) -> tuple[int, list[tuple[str, str, str]]]:
+    """Worker: for each (source_id, source PNG, [(out path, copy seed)]) write the copies.
+
+    Returns (copies written, failures as (source_id, path, reason)).
+    """
+    import cv2
+
+    key = json.dumps(aug, sort_keys=True)
+    if key not in _PIPELINE:
+        _PIPELINE.clear()
+        _PIPELINE[key] = offline_pipeline(aug, seed)
+    pipeline = _PIPELINE[key]
+    made, failures = 0, []
+    for source, source_path, outs in task:
+        try:
+            image = read_png(source_path)  # native size: copies keep the source's
+        except ValueError as err:
+            failures.append((source, source_path, str(err)))
+            continue
+        for out_path, copy_seed_value in outs:
+            copy = augment_copy(pipeline, image, copy_seed_value)
+            ok, encoded = cv2.imencode(".png", cv2.cvtColor(copy, cv2.COLOR_RGB2BGR))
+            if not ok:
+                failures.append((source, source_path, f"PNG encoding failed for {out_path}"))
+                break
+            atomic_write_bytes(out_path, encoded.tobytes())
+            made += 1
+    return made, failures
+
+
+def _log_counts(train: pd.DataFrame, made: pd.DataFrame) -> None:
+    """Log the training split's positives per label before and after augmentation."""
+    before = label_counts(train)
+    after = before + label_counts(made) if len(made) else before
+    table = pd.DataFrame({"label": list(LABELS), "before": before.to_numpy(),
+                          "after": after.to_numpy()})
+    table.loc[len(table)] = ["images", len(train), len(train) + len(made)]
+    for text in table.to_string(index=False).splitlines():
+        log.info("augment: %s", text)

@@ -1,0 +1,308 @@
+"""Step 3, preprocess: work/dicom/*.dcm -> HU -> three windows -> RGB PNG, in processes.
+
+In: work/dicom/<image_id>.dcm (the copy step's output) and the `preprocess` config section.
+Out: work/png/<image_id>.png (uint8 RGB, image_size square, one window per channel in
+`channels` order), work/images.csv (one row per good image, sorted by image_id) and
+work/failures.csv (image_id, path, reason; always written, maybe only a header).
+
+Resume: workers write each PNG under a temporary name and rename it, so no half PNG ever
+exists. The parent appends the rows of every finished chunk to the journal
+(work/.preprocess/parts/, one fsync'd file per chunk, written atomically); a run killed even
+with SIGKILL restarts from the journal, redoing only chunks that were in flight. At the end
+the journal is consolidated (deduplicated, sorted) into images.csv and failures.csv.
+Images are never held by the parent, only their small manifest rows, so memory stays flat.
+Tables are plain csv here (no pandas): workers import this module too, and pandas would add
+~0.5 s of start-up and ~60 MB to each of them.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import shutil
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
+
+from ich.errors import StepError
+from ich.config import resolve_workers
+from ich.constants import DICOM_DIR, FAILURES_CSV, IMAGES_CSV, PNG_DIR
+from ich.io import (Timer, atomic_path, clear_done, is_done, mark_done, progress, summary,
+                    write_json)
+
+log = logging.getLogger("ich")
+
+# Step-internal resume state (not an artifact other steps read): settings.json + parts/*.csv.
+JOURNAL_DIR = ".preprocess"
+# Bump when the pixel pipeline changes so old PNGs are not mistaken for current ones.
+METHOD = "window-then-area-resize/v1"
+IMAGE_COLUMNS = ("image_id", "patient_id", "study_id", "series_id", "position", "rows", "columns",
+                 "pixel_spacing", "storage", "path")
+FAILURE_COLUMNS = ("image_id", "path", "reason")
+_JOURNAL_COLUMNS = IMAGE_COLUMNS + ("reason",)
+_CHUNKS_PER_WORKER = 4   # at least this many chunks per worker, so one slow chunk cannot stall the end
+_FAILURES_LOGGED = 10
+
+
+def run(cfg: dict, force: bool = False) -> Path:
+    """Convert every DICOM in work/dicom/ to a windowed RGB PNG; return the images.csv path."""
+    work = Path(cfg["paths"]["work_dir"])
+    pp = cfg["preprocess"]
+    source_dir, png_dir = work / DICOM_DIR, work / PNG_DIR
+    images_csv, failures_csv, journal = work / IMAGES_CSV, work / FAILURES_CSV, work / JOURNAL_DIR
+    if not source_dir.is_dir():
+        raise StepError(f"{source_dir} not found; run `ich copy` first")
+    sources = {p.stem: p for p in sorted(source_dir.glob("*.dcm"))}
+    if not sources:
+        raise StepError(f"no .dcm files in {source_dir}; run `ich copy` first")
+    settings = {"image_size": pp["image_size"], "method": METHOD,
+                "windows": [[name] + list(pp["windows"][name]) for name in pp["channels"]]}
+    params = {"settings": settings, "inputs": _fingerprint(sources)}
+    if not force and is_done(work, "preprocess", params, [images_csv, failures_csv, png_dir]):
+        log.info("preprocess: %s is up to date (use --force to redo)", images_csv)
+        return images_csv
+
+    if force or _journal_settings(journal) != settings:
+        if not force and (journal / "settings.json").exists():
+            log.info("preprocess: image_size, windows or method changed; redoing every image")
+        _reset(work, journal, settings)
+    png_dir.mkdir(parents=True, exist_ok=True)
+    for leftover in png_dir.glob(".*.tmp.png"):  # temporary PNGs of a killed run
+        leftover.unlink(missing_ok=True)
+
+    known = _known_rows(work, journal, set(sources))
+    todo = [path for image_id, path in sources.items() if image_id not in known]
+    timer = Timer()
+    counts = _process(todo, work, journal, settings, pp)
+    n_ok = _consolidate(work, journal, set(sources), images_csv, failures_csv)
+    line = summary("preprocess", f"{counts['ok']:,} ok, {counts['failed']:,} failed, "
+                   f"{len(sources) - len(todo):,} already done; {n_ok:,} of {len(sources):,} images "
+                   f"usable", len(todo), "images", timer)
+    mark_done(work, "preprocess", params, line)
+    return images_csv
+
+
+def process_chunk(paths: list[str], work_dir: str, windows: list[tuple[float, float]],
+                  size: int) -> list[dict]:
+    """Convert DICOM files to PNGs under work_dir/png/; return one journal row per file.
+
+    Runs in a worker process. A file that fails gets a row with its reason, never an exception.
+    """
+    import cv2
+
+    from ich.data.dicom import DicomError, read_hu
+    from ich.data.windowing import hu_to_rgb
+
+    work = Path(work_dir)
+    rows = []
+    for source in map(Path, paths):
+        image_id = source.stem
+        try:
+            hu, meta = read_hu(source)
+            rgb = hu_to_rgb(hu, windows, size)
+            ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), _png_params(cv2))
+            if not ok:
+                raise ValueError("PNG encoding failed")
+            _write_png(work / PNG_DIR / f"{image_id}.png", png)
+        except DicomError as err:
+            rows.append(_failure(image_id, source, work, str(err)))
+            continue
+        except Exception as err:  # noqa: BLE001 - one bad image must never stop the others
+            rows.append(_failure(image_id, source, work, f"{type(err).__name__}: {err}"))
+            continue
+        row = {key: _cell(meta[key]) for key in IMAGE_COLUMNS if key in meta}
+        row.update(image_id=image_id, path=f"{PNG_DIR}/{image_id}.png", reason="")
+        rows.append(row)
+    return rows
+
+
+def _write_png(path: Path, data) -> None:
+    """Write atomically under a per-process temporary name, then rename.
+
+    Cheaper than ich.io.atomic_write_bytes (mkstemp) per image, and safe: one process at a
+    time writes a given image. Leftovers of a killed run match `.*.tmp.png` and are removed
+    at the next start.
+    """
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+    os.replace(tmp, path)
+
+
+def journal_ids(work_dir: str | Path) -> set[str]:
+    """Image ids the journal records as finished (ok or failed) since the last consolidation."""
+    return {row["image_id"] for row in _read_parts(Path(work_dir) / JOURNAL_DIR)}
+
+
+def _process(todo: list[Path], work: Path, journal: Path, settings: dict, pp: dict) -> dict:
+    """Run the chunks in worker processes, journalling each finished chunk as it arrives."""
+    counts = {"ok": 0, "failed": 0}
+    if not todo:
+        return counts
+    workers = max(1, resolve_workers(pp["workers"]))
+    chunk = max(1, min(pp["chunk_size"], math.ceil(len(todo) / (workers * _CHUNKS_PER_WORKER))))
+    chunks = [[str(p) for p in todo[i:i + chunk]] for i in range(0, len(todo), chunk)]
+    windows = [(float(c), float(w)) for _, c, w in settings["windows"]]
+    args = (str(work), windows, settings["image_size"])
+    token = f"{time.time_ns():020d}"
+    with progress(total=len(todo), desc="preprocess", unit="img") as bar:
+        for seq, rows in enumerate(_results(chunks, args, min(workers, len(chunks)))):
+            # Whole or absent, and on disk before the next chunk counts as done.
+            _write_rows(journal / "parts" / f"{token}-{seq:07d}.csv", _JOURNAL_COLUMNS, rows, sync=True)
+            for row in rows:
+                if row["reason"]:
+                    counts["failed"] += 1
+                    if counts["failed"] <= _FAILURES_LOGGED:
+                        log.warning("preprocess: %s: %s", row["path"], row["reason"])
+                else:
+                    counts["ok"] += 1
+            bar.update(len(rows))
+    if counts["failed"] > _FAILURES_LOGGED:
+        log.warning("preprocess: %d more failures, all listed in %s",
+                    counts["failed"] - _FAILURES_LOGGED, work / FAILURES_CSV)
+    return counts
+
+
+def _results(chunks: list[list[str]], args: tuple, workers: int):
+    """Yield each chunk's rows as soon as it finishes, in any order (a slow file holds only its chunk)."""
+    if workers == 1:
+        for paths in chunks:
+            yield process_chunk(paths, *args)
+        return
+    # spawn: workers start clean (no inherited threads or locks from the parent) on every OS.
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker)
+    try:
+        pending = {pool.submit(process_chunk, paths, *args) for paths in chunks}
+        while pending:
+            done, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for future in done:
+                yield future.result()
+    except BrokenProcessPool as err:
+        raise StepError("preprocess: a worker process died (out of memory, or a crash inside a "
+                        "pixel decoder?); finished images are kept: run the same command again "
+                        "to resume") from err
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _init_worker() -> None:
+    import cv2
+
+    cv2.setNumThreads(1)  # one process per core already; cv2's own threads would oversubscribe
+
+
+def _png_params(cv2) -> list[int]:
+    """Fast PNG settings: zlib level 1, RLE strategy, 'Up' filter.
+
+    Measured on a 256x256 RSNA slice: ~1.0 ms and 52 kB against 2.2 ms / 52 kB for cv2's
+    defaults at level 1 and 7 ms / 46 kB for PIL's defaults (bench/preprocess.py).
+    """
+    params = [cv2.IMWRITE_PNG_COMPRESSION, 1, cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE]
+    if hasattr(cv2, "IMWRITE_PNG_FILTER"):  # OpenCV >= 4.11
+        params += [cv2.IMWRITE_PNG_FILTER, cv2.IMWRITE_PNG_FILTER_UP]
+    return params
+
+
+def _failure(image_id: str, source: Path, work: Path, reason: str) -> dict:
+    row = dict.fromkeys(IMAGE_COLUMNS, "")
+    row.update(image_id=image_id, path=_relative(source, work),
+               reason=reason.replace("\n", " ") or "unknown error")
+    return row
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _read_parts(journal: Path) -> list[dict]:
+    # Part names start with a digit; a killed write leaves only a dot-named temp file.
+    return [row for part in sorted((journal / "parts").glob("[0-9]*.csv")) for row in _read_csv(part)]
+
+
+def _known_rows(work: Path, journal: Path, ids: set[str]) -> dict[str, dict]:
+    """Rows already finished under the current settings (last consolidation, then the journal).
+
+    Keyed by image_id, later rows winning. An ok row whose PNG has gone missing is dropped,
+    so that image is redone.
+    """
+    rows = _read_csv(work / IMAGES_CSV) + _read_csv(work / FAILURES_CSV) + _read_parts(journal)
+    known = {row["image_id"]: row for row in rows if row["image_id"] in ids}
+    return {image_id: row for image_id, row in known.items()
+            if row["reason"] or (work / row["path"]).is_file()}
+
+
+def _consolidate(work: Path, journal: Path, ids: set[str], images_csv: Path,
+                 failures_csv: Path) -> int:
+    """Journal + previous tables -> failures.csv, then images.csv (atomic); empty the journal.
+
+    Returns the number of usable images.
+    """
+    known = _known_rows(work, journal, ids)
+    rows = [known[image_id] for image_id in sorted(known)]
+    good = [row for row in rows if not row["reason"]]
+    _write_rows(failures_csv, FAILURE_COLUMNS, [row for row in rows if row["reason"]])
+    _write_rows(images_csv, IMAGE_COLUMNS, good)
+    shutil.rmtree(journal / "parts", ignore_errors=True)
+    return len(good)
+
+
+def _write_rows(path: Path, columns: tuple[str, ...], rows: list[dict], sync: bool = False) -> None:
+    """A CSV written atomically (temp file + rename); `sync` also forces it to disk first."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+            if sync:
+                handle.flush()
+                os.fsync(handle.fileno())
+
+
+def _read_csv(path: Path) -> list[dict]:
+    """Rows of one of our CSVs as dicts of strings with every journal column ('' where absent)."""
+    if not path.is_file():
+        return []
+    with open(path, newline="") as handle:
+        return [{column: row.get(column) or "" for column in _JOURNAL_COLUMNS}
+                for row in csv.DictReader(handle)]
+
+
+def _cell(value) -> str:
+    """A manifest cell: NaN as empty (what pandas writes and reads back as NaN)."""
+    if isinstance(value, float) and math.isnan(value):
+        return ""
+    return str(value)
+
+
+def _journal_settings(journal: Path) -> dict | None:
+    try:
+        return json.loads((journal / "settings.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _reset(work: Path, journal: Path, settings: dict) -> None:
+    """Forget every earlier result, then record the settings the new results will follow.
+
+    images.csv goes first: it must never outlive the settings it was made with.
+    """
+    clear_done(work, "preprocess")
+    (work / IMAGES_CSV).unlink(missing_ok=True)
+    (work / FAILURES_CSV).unlink(missing_ok=True)
+    shutil.rmtree(journal / "parts", ignore_errors=True)
+    write_json(settings, journal / "settings.json")
+
+
+def _fingerprint(sources: dict[str, Path]) -> dict:
+    digest = hashlib.sha1("\n".join(sources).encode()).hexdigest()
+    return {"count": len(sources), "sha1": digest}

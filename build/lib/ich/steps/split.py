@@ -1,0 +1,62 @@
+"""Step 4, split: work/images.csv + work/sampled.csv -> work/splits.csv.
+
+Only images that preprocessing turned into PNGs are split. Columns of splits.csv: image_id,
+split (train/val/test), patient_id, study_id, and the six labels.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from ich.errors import StepError
+from ich.constants import IMAGES_CSV, LABELS, SAMPLED_CSV, SPLITS_CSV
+from ich.io import Timer, is_done, mark_done, mtime, summary, write_csv
+from ich.data.splits import assign_splits, split_summary
+
+log = logging.getLogger("ich")
+
+
+def run(cfg: dict, force: bool = False) -> Path:
+    """Write splits.csv under paths.work_dir and return its path."""
+    work = Path(cfg["paths"]["work_dir"])
+    images_csv, sampled_csv, out = work / IMAGES_CSV, work / SAMPLED_CSV, work / SPLITS_CSV
+    for path, step in ((images_csv, "preprocess"), (sampled_csv, "sample")):
+        if not path.is_file():
+            raise StepError(f"{path} not found; run `ich {step}` first")
+    params = {"seed": cfg["seed"], **cfg["split"],
+              "images_mtime": mtime(images_csv), "sampled_mtime": mtime(sampled_csv)}
+    if not force and is_done(work, "split", params, [out]):
+        log.info("split: %s is up to date (use --force to redo)", out)
+        return out
+
+    timer = Timer()
+    images = pd.read_csv(images_csv, usecols=["image_id", "patient_id", "study_id"], dtype=str)
+    labels = pd.read_csv(sampled_csv, dtype={"image_id": str})
+    frame = images.merge(labels, on="image_id", how="inner", validate="one_to_one")
+    unlabelled = len(images) - len(frame)
+    if unlabelled:
+        log.warning("split: %d image(s) in %s have no labels in %s and are left out",
+                    unlabelled, images_csv, sampled_csv)
+    if frame.empty:
+        raise StepError(f"no labelled images to split: {images_csv} and {sampled_csv} share no image_id")
+    if frame["patient_id"].isna().any():
+        bad = frame.loc[frame["patient_id"].isna(), "image_id"].head(5).tolist()
+        raise StepError(f"{images_csv}: empty patient_id for {bad}; every DICOM needs PatientID")
+    try:
+        frame["split"] = assign_splits(frame["patient_id"], frame[list(LABELS)].to_numpy(),
+                                       tuple(cfg["split"]["fractions"]), cfg["seed"])
+    except ValueError as err:
+        raise StepError(f"split: {err}") from err
+    frame = frame[["image_id", "split", "patient_id", "study_id", *LABELS]].sort_values("image_id")
+    write_csv(frame, out)
+
+    table = split_summary(frame, list(LABELS))
+    for line in table.to_string(index=False).splitlines():
+        log.info("split: %s", line)
+    line = summary("split", f"{len(frame):,} images of {frame['patient_id'].nunique():,} patients "
+                   "split " + "/".join(str(n) for n in table["images"]), len(frame), "images", timer)
+    mark_done(work, "split", params, line)
+    return out
