@@ -15,6 +15,7 @@ import importlib
 import json
 import logging
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 from ich import __version__
@@ -69,7 +70,28 @@ def run_step(name: str, cfg: dict, force: bool = False) -> Path:
     work = Path(cfg["paths"]["work_dir"])
     config_mod.save(cfg, work / RESOLVED_CONFIG)
     module = importlib.import_module(f"ich.steps.{name}")
-    return module.run(cfg, force=force)
+    run_dir = Path(cfg["paths"]["run_dir"])
+    started, before = datetime.now(timezone.utc), _model_times(run_dir)
+    result = module.run(cfg, force=force)
+    # Provenance and tracking read what train/evaluate wrote; they run only after new work.
+    if name == "train":
+        from ich import provenance, tracking
+
+        if _model_times(run_dir) != before:  # trained now (a skipped train keeps its record)
+            provenance.write(cfg, run_dir, started, datetime.now(timezone.utc))
+        tracking.after_train(cfg, run_dir)
+    elif name == "evaluate":
+        from ich import tracking
+
+        tracking.after_evaluate(cfg, run_dir)
+    return result
+
+
+def _model_times(run_dir: Path) -> list[int | None]:
+    from ich.constants import STAGE1_MODEL, STAGE2_MODEL
+    from ich.io import mtime
+
+    return [mtime(run_dir / name) for name in (STAGE1_MODEL, STAGE2_MODEL)]
 
 
 def _cmd_step(args) -> int:

@@ -164,6 +164,7 @@ class Train(Section):
     pos_weight: Literal["balanced", "none"]
     max_pos_weight: Annotated[float, Field(ge=1)]
     tensorboard: bool
+    tensorboard_examples: Count
 
 
 class Evaluate(Section):
@@ -174,6 +175,11 @@ class Evaluate(Section):
 class Predict(Section):
     batch_size: PositiveInt
     workers: Workers
+
+
+class Mlflow(Section):
+    tracking_uri: NonEmpty
+    experiment: NonEmpty
 
 
 class Config(Section):
@@ -192,6 +198,8 @@ class Config(Section):
     train: Train
     evaluate: Evaluate
     predict: Predict
+    tracking: Literal["none", "mlflow"]
+    mlflow: Mlflow
 
     model_config = ConfigDict(extra="forbid", strict=True, populate_by_name=True,
                               protected_namespaces=())
