@@ -1,5 +1,5 @@
 """The one `ich` command: `ich <step> --config FILE [--set k=v ...] [--force]`, `ich run`,
-`ich synth`, `ich predict`.
+`ich synth`, `ich predict`, `ich export`.
 
 Each step lives in `ich.steps.<name>` and exposes `run(cfg, force=False) -> Path`. Steps are
 imported lazily so that data steps start without importing Keras.
@@ -80,6 +80,13 @@ def _cmd_predict(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    from ich.steps.export import run_export
+
+    run_export(Path(args.run_dir), Path(args.out), args.format)
+    return 0
+
+
 def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="experiment YAML (overrides configs/base.yaml)")
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
@@ -125,10 +132,19 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict DICOM files, folders of them, or PNGs")
     p.add_argument("paths", nargs="+", help="DICOM or PNG files, or folders of them")
-    p.add_argument("--model", required=True, help="run directory holding stage1.keras, stage2.keras, cascade.json")
+    p.add_argument("--model", required=True, help="run directory holding stage1.keras, stage2.keras, cascade.json, "
+                   "or an `ich export --format onnx` folder (then run by onnxruntime, without Keras)")
     p.add_argument("--out", required=True, help="output folder for predictions.csv, submission.csv, studies.csv")
     _add_config_args(p, required=False)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="write a trained cascade as one ONNX graph (or SavedModel) for deployment")
+    p.add_argument("run_dir", help="run directory holding stage1.keras, stage2.keras, cascade.json")
+    p.add_argument("--format", choices=["onnx", "saved_model"], default="onnx",
+                   help="onnx: DIR/cascade.onnx, run by `ich predict --model DIR` without Keras; "
+                   "saved_model: DIR/saved_model/ (needs TensorFlow)")
+    p.add_argument("--out", required=True, help="output folder for the model file and cascade.json")
+    p.set_defaults(func=_cmd_export)
     return parser
 
 

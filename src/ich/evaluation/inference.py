@@ -96,7 +96,13 @@ def load_cascade(run_dir: Path) -> Cascade:
 
     Raises FileNotFoundError naming the missing file (and that `ich train` makes it), and
     ValueError when cascade.json is malformed or its label order is not this version's.
+    An `ich export --format onnx` folder loads as an onnx_cascade.OnnxCascade (same interface,
+    no Keras import).
     """
+    from ich.evaluation import onnx_cascade
+
+    if onnx_cascade.is_export(run_dir):
+        return onnx_cascade.load_onnx_cascade(run_dir)
     import keras
 
     import ich.models  # noqa: F401  (registers the custom layers before loading)

@@ -2,7 +2,7 @@
 
 In: paths (DICOM files, folders searched recursively for `*.dcm`, `*.png` and other files marked as DICOM,
 or PNGs already windowed to RGB like work/png/), a run directory (stage1.keras, stage2.keras,
-cascade.json) and the config (predict.batch_size, predict.workers).
+cascade.json) or an ONNX export folder (`ich export`: cascade.onnx, cascade.json) and the config (predict.batch_size, predict.workers).
 Out, in out_dir:
 - predictions.csv: image_id, path, one probability column per label (LABELS order), and
   `<label>_pred` 0/1 at the thresholds of cascade.json.
@@ -43,9 +43,12 @@ def predict_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict) ->
     import pandas as pd
 
     from ich.backend import select_backend
+    from ich.evaluation.onnx_cascade import is_export
 
-    # Before anything imports keras: Keras reads KERAS_BACKEND once, at import.
-    select_backend(cfg["train"]["backend"])
+    # Before anything imports keras: Keras reads KERAS_BACKEND once, at import. An ONNX export
+    # runs in onnxruntime and needs no backend at all.
+    if not is_export(run_dir):
+        select_backend(cfg["train"]["backend"])
     from ich.errors import StepError
     from ich.config import resolve_workers
     from ich.constants import FAILURES_CSV, PREDICTIONS_CSV, STUDIES_CSV, SUBMISSION_CSV
@@ -57,7 +60,7 @@ def predict_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict) ->
     files, failures = find_inputs([Path(p) for p in paths])
     try:
         cascade = load_cascade(Path(run_dir))
-    except ValueError as err:  # a malformed cascade.json or model file: a user-facing error
+    except (ValueError, ImportError) as err:  # malformed cascade.json or model file, or onnxruntime missing
         raise StepError(str(err)) from err
     windows = _windows(cascade.meta, cfg)
     batch_size = int(cfg["predict"]["batch_size"])
