@@ -21,6 +21,7 @@ from ich.constants import CASCADE_JSON, LABELS, PREDICTIONS_CSV
 from ich.errors import StepError
 from ich.evaluation.inference import load_cascade
 from ich.evaluation.onnx_cascade import OnnxCascade, is_export, load_onnx_cascade
+from ich.steps.predict import load_any_cascade
 from ich.export import ONNX_FILE
 from ich.steps.export import run_export
 from tiny_cascade import expected_probs, red_images, save_tiny_cascade
@@ -47,7 +48,7 @@ def test_export_writes_graph_and_description(run_dir, export_dir):
     meta = json.loads((export_dir / CASCADE_JSON).read_text())
     run_meta = json.loads((run_dir / CASCADE_JSON).read_text())
     # The run's input description and thresholds travel with the export unchanged.
-    for key in ("image_size", "windows", "channels", "thresholds", "labels"):
+    for key in ("input", "stages", "thresholds", "labels"):
         assert meta[key] == run_meta[key]
     export = meta["export"]
     assert export["format"] == "onnx" and export["file"] == ONNX_FILE
@@ -58,7 +59,7 @@ def test_export_writes_graph_and_description(run_dir, export_dir):
 
 
 def test_onnx_predictions_equal_keras_and_hand_computed(run_dir, export_dir):
-    onnx = load_cascade(export_dir)  # dispatches on the folder's content
+    onnx = load_any_cascade(export_dir)  # dispatches on the folder's content
     assert isinstance(onnx, OnnxCascade)
     keras_cascade = load_cascade(run_dir)
     images = red_images([0, 40, 90, 128, 170, 210, 255])

@@ -23,22 +23,30 @@ OUTPUT_NAME = "probabilities"
 OPSET = 18
 
 
-def cascade_model(stage1, stage2):
+def cascade_model(models: dict, stages: list[dict]):
     """One functional keras.Model: images -> (N, 6) float32 probabilities in LABELS order.
 
-    Both stages see the same input tensor; p(subtype) = p(any) * p(subtype | any). The stages
-    are used as they are (no copy), so the export carries exactly the trained weights.
+    `stages` is cascade.json's list (name, labels, given); `models` maps each name to its
+    keras.Model. Every stage sees the same input tensor; a stage conditional on a label gives
+    p(label | given), multiplied by p(given), as ich.evaluation.inference.Cascade does. The
+    stages are used as they are (no copy), so the export carries exactly the trained weights.
     """
     import keras
 
-    shape = tuple(stage1.input_shape[1:])
-    if tuple(stage2.input_shape[1:]) != shape:
-        raise ValueError(f"stage 1 takes {shape} but stage 2 takes {tuple(stage2.input_shape[1:])}; "
-                         f"the export feeds both one image: retrain them on one image size")
+    shapes = {name: tuple(model.input_shape[1:]) for name, model in models.items()}
+    shape = shapes[stages[0]["name"]]
+    if len(set(shapes.values())) != 1:
+        raise ValueError(f"the stages take different inputs {shapes}; the export feeds them one "
+                         f"input: retrain them on one input description")
     images = keras.Input(shape=shape, dtype="float32", name=INPUT_NAME)
-    p_any = stage1(images)
-    p_subtypes = keras.layers.Multiply(name="p_subtype")([p_any, stage2(images)])
-    probs = keras.layers.Concatenate(axis=-1, name=OUTPUT_NAME, dtype="float32")([p_any, p_subtypes])
+    columns = {}
+    for stage in stages:
+        p = models[stage["name"]](images)
+        for j, label in enumerate(stage["labels"]):
+            column = p[:, j:j + 1]
+            columns[label] = column * columns[stage["given"]] if stage.get("given") else column
+    probs = keras.layers.Concatenate(axis=-1, name=OUTPUT_NAME, dtype="float32")(
+        [columns[label] for label in LABELS])
     return keras.Model(images, probs, name="cascade")
 
 

@@ -18,7 +18,8 @@ from typing import Iterator
 import numpy as np
 
 from ich.constants import CASCADE_JSON, LABELS
-from ich.evaluation.inference import _batch_size, _check_images, to_model_input
+from ich.data.inputs import InputSpec
+from ich.data.windowing import resize
 
 FORMAT = "onnx"
 
@@ -43,9 +44,14 @@ class OnnxCascade:
     meta: dict = field(default_factory=dict)
 
     @property
+    def spec(self) -> InputSpec:
+        """The input description the exported models were trained with."""
+        return InputSpec.from_json(self.meta["input"])
+
+    @property
     def image_size(self) -> int:
         """Side of the square model input in pixels."""
-        return int(self.meta["image_size"])
+        return self.spec.image_size
 
     @property
     def thresholds(self) -> dict[str, float]:
@@ -67,9 +73,13 @@ class OnnxCascade:
 
         The graph's batch dimension is dynamic, so the last batch is not padded.
         """
-        _check_images(images)
+        channels = self.spec.n_channels
+        shape = getattr(images, "shape", None)
+        if shape is None or len(shape) != 4 or shape[-1] != channels:
+            raise ValueError(f"model inputs must be an array (N, S, S, {channels}) as the run's "
+                             f"input description assembles them; got shape {shape}")
         n = len(images)
-        size = _batch_size(n, batch_size) if n else 1
+        size = max(1, min(int(batch_size), n))
         name = self.meta["export"]["input"]["name"]
         for start in range(0, n, size):
             x = to_model_input(np.asarray(images[start:start + size]), self.image_size)
@@ -84,10 +94,16 @@ def load_onnx_cascade(folder: str | Path, threads: int | None = None) -> OnnxCas
     FileNotFoundError naming a missing file, ValueError for a cascade.json that is not an ONNX
     export's or whose label order differs, ImportError (with the install hint) without onnxruntime.
     """
-    from ich.evaluation.inference import read_cascade_json
-
     folder = Path(folder)
-    meta = read_cascade_json(folder)
+    path = folder / CASCADE_JSON
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: make the export with `ich export RUN_DIR "
+                                f"--format onnx --out {folder}`")
+    try:
+        meta = json.loads(path.read_text())
+        InputSpec.from_json(meta["input"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: not a readable export description ({err}); run `ich export` again") from err
     export = meta.get("export") or {}
     if export.get("format") != FORMAT:
         raise ValueError(f"{folder / CASCADE_JSON} is not an ONNX export's (export.format is "
@@ -110,3 +126,21 @@ def load_onnx_cascade(folder: str | Path, threads: int | None = None) -> OnnxCas
     session = onnxruntime.InferenceSession(str(model), sess_options=options,
                                            providers=onnxruntime.get_available_providers())
     return OnnxCascade(session=session, meta=meta)
+
+
+def to_model_input(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, C) uint8 or float in [0, 1] -> float32 (N, size, size, C) in [0, 1].
+
+    The same conversion as ich.evaluation.inference.to_model_input, here so that running an
+    export never imports that (Keras) module.
+    """
+    if images.dtype == np.uint8:
+        x = images.astype(np.float32) / 255.0
+    else:
+        x = images.astype(np.float32, copy=False)
+        if x.size and (x.min() < 0 or x.max() > 1.0 + 1e-6):
+            raise ValueError(f"float images must lie in [0, 1]; got [{x.min():.3g}, {x.max():.3g}] "
+                             "(pass uint8 0-255 images as uint8)")
+    if x.shape[1:3] != (size, size):
+        x = np.stack([resize(img, size) for img in x])
+    return x
