@@ -105,3 +105,70 @@ def set_seed(seed: int) -> None:
     import keras
 
     keras.utils.set_random_seed(int(seed))
+
+
+def export_onnx(model, path, input_shape: tuple, input_name: str, output_name: str,
+                opset: int | None = None) -> None:
+    """Write the float32 Keras `model` (one input, one output) as an ONNX graph to `path`.
+
+    input_shape is the shape of one input sample (without the batch); the batch dimension stays
+    dynamic. torch: the dynamo exporter on the model in inference mode (Keras's own
+    `model.export(format="onnx")` traces nested functional models with TorchScript on a dynamic
+    batch, which fails on the cascade's weights). JAX and TensorFlow: Keras's exporter, which
+    needs jax2onnx or tf2onnx installed.
+    """
+    import keras
+
+    name = current()
+    if name != "torch":
+        spec = keras.InputSpec(shape=(None, *input_shape), dtype="float32", name=input_name)
+        keras.Model(model.inputs, model.outputs).export(
+            str(path), format="onnx", input_signature=[spec], opset_version=opset, verbose=False)
+        return
+    import warnings
+
+    import torch
+
+    class Inference(torch.nn.Module):
+        """The Keras model called with training=False, so dropout and augmentation stay off."""
+
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, images):
+            return self.inner(images, training=False)
+
+    module = Inference(model).eval()
+    # Batch 2: torch.export specialises sizes 0 and 1, so the example must not fix the batch.
+    example = torch.zeros((2, *input_shape), dtype=torch.float32)
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # exporter chatter about pytree and constant folding
+        program = torch.onnx.export(
+            module, (example,), dynamo=True, opset_version=opset, input_names=[input_name],
+            output_names=[output_name], dynamic_shapes=({0: torch.export.Dim("batch")},),
+            verbose=False)
+        program.optimize()
+    program.save(str(path))
+
+
+def export_saved_model(model, path) -> None:
+    """Write the Keras `model` as a TensorFlow SavedModel folder at `path` (endpoint `serve`).
+
+    Needs TensorFlow installed and the tensorflow (or jax) backend; raises RuntimeError naming
+    the fix otherwise.
+    """
+    if importlib.util.find_spec("tensorflow") is None:
+        raise RuntimeError("--format saved_model needs TensorFlow: pip install 'ich[tensorflow]'")
+    if current() not in ("tensorflow", "jax"):
+        raise RuntimeError(f"--format saved_model runs on the tensorflow backend, not {current()!r}: "
+                           f"run it with KERAS_BACKEND=tensorflow")
+    model.export(str(path), format="tf_saved_model", verbose=False)
+
+
+def run_saved_model(path, images):
+    """Outputs of the SavedModel at `path` (its `serve` endpoint) for a float32 batch, as numpy."""
+    import numpy as np
+    import tensorflow as tf
+
+    return np.asarray(tf.saved_model.load(str(path)).serve(tf.constant(images)))

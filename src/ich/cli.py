@@ -1,5 +1,5 @@
 """The one `ich` command: `ich <step> [--config C] [--set k=v ...] [--force]`, `ich run`,
-`ich synth`, `ich predict`, `ich config show|init|schema`.
+`ich synth`, `ich predict`, `ich export`, `ich config show|init|schema`.
 
 Each step lives in `ich.steps.<name>` and exposes `run(cfg, force=False) -> Path`. Steps are
 imported lazily so that data steps start without importing Keras.
@@ -149,11 +149,21 @@ def _cmd_synth(args) -> int:
 
 def _cmd_predict(args) -> int:
     cfg = config_mod.load(args.config, [*args.set, *_flag_overrides(args)])
-    choose_backend(cfg)
-    from ich.steps import predict  # after the backend is chosen: predict imports Keras
+    from ich.evaluation.onnx_cascade import is_export
+
+    if not is_export(args.model):  # an ONNX export runs in onnxruntime, with no Keras backend
+        choose_backend(cfg)
+    from ich.steps import predict  # after the backend is chosen: a Keras run imports Keras
 
     with hold(Path(args.out), "predict output folder"):
         predict.predict_paths([Path(p) for p in args.paths], Path(args.model), Path(args.out), cfg)
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from ich.steps.export import run_export
+
+    run_export(Path(args.run_dir), Path(args.out), args.format)
     return 0
 
 
@@ -235,13 +245,22 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="predict DICOM files, folders of them, or PNGs")
     p.add_argument("paths", nargs="+", help="DICOM or PNG files, or folders of them")
-    p.add_argument("--model", required=True, help="run directory holding stage1.keras, stage2.keras, cascade.json")
+    p.add_argument("--model", required=True, help="run directory holding stage1.keras, stage2.keras, cascade.json, "
+                   "or an `ich export --format onnx` folder (then run by onnxruntime, without Keras)")
     p.add_argument("--out", required=True, help="output folder for predictions.csv, submission.csv, studies.csv")
     _add_config_args(p)
     _add_retry_arg(p)
     p.add_argument("--keep-patient-id", action="store_true",
                    help="write PatientID into studies.csv (off: outputs carry no patient identifiers)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="write a trained cascade as one ONNX graph (or SavedModel) for deployment")
+    p.add_argument("run_dir", help="run directory holding stage1.keras, stage2.keras, cascade.json")
+    p.add_argument("--format", choices=["onnx", "saved_model"], default="onnx",
+                   help="onnx: DIR/cascade.onnx, run by `ich predict --model DIR` without Keras; "
+                   "saved_model: DIR/saved_model/ (needs TensorFlow)")
+    p.add_argument("--out", required=True, help="output folder for the model file and cascade.json")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("config", help="print the resolved config, write a starter config, or the JSON Schema")
     config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")

@@ -29,7 +29,8 @@ from ich.constants import (AUGMENTED_CSV, CASCADE_JSON, EVAL_DIR, HISTORY_DIR, L
 from ich.data.labels import label_counts
 from ich.data.loading import load_split
 from ich.errors import StepError
-from ich.evaluation.inference import check_finite, load_cascade, predict_split, read_cascade_json
+from ich.evaluation.cascade_file import check_finite, read_cascade_json
+from ich.evaluation.inference import load_cascade, predict_split
 from ich.evaluation.metrics import choose_threshold, evaluate_all
 from ich.evaluation.studies import aggregate_studies
 from ich.evaluation.report import fmt, pick_examples, write_report

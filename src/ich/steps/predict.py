@@ -2,7 +2,8 @@
 
 In: paths (DICOM files, PNGs already windowed to RGB like work/png/, or folders: every regular
 file in them is tried, since a DICOM needs neither a `.dcm` name nor a preamble), a run directory
-(the models and cascade.json) and the config (`predict` section).
+(the models and cascade.json) or an `ich export` folder (cascade.onnx, cascade.json: run by
+onnxruntime without Keras) and the config (`predict` section).
 Out, in out_dir (files are named relative to the root given on the command line, see
 ich.data.sources.display_names; no absolute path and no patient identifier is written unless
 predict.keep_patient_id):
@@ -46,7 +47,7 @@ from ich.constants import (CASCADE_JSON, FAILURES_CSV, LABELS, PREDICTIONS_CSV, 
 from ich.data.inputs import neighbour_rows
 from ich.data.sources import decode_all, display_names, find_inputs
 from ich.errors import StepError
-from ich.evaluation.inference import check_finite, load_cascade, read_cascade_json
+from ich.evaluation.cascade_file import check_finite, read_cascade_json
 from ich.evaluation.studies import aggregate_studies
 from ich.io import Timer, progress, safe_cell, summary, write_csv, write_json
 
@@ -54,6 +55,20 @@ JOURNAL_DIR = ".predict"   # resume state inside the output folder
 
 log = logging.getLogger("ich")
 
+
+
+def load_any_cascade(folder: Path):
+    """A run directory's Keras cascade, or an `ich export` folder's OnnxCascade (same interface).
+
+    Imported lazily: an ONNX export must run without Keras installed.
+    """
+    from ich.evaluation import onnx_cascade
+
+    if onnx_cascade.is_export(folder):
+        return onnx_cascade.load_onnx_cascade(folder)
+    from ich.evaluation.inference import load_cascade
+
+    return load_cascade(folder)
 
 
 def predict_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict) -> Path:
@@ -72,8 +87,8 @@ def predict_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict) ->
         failure["path"] = Path(failure["path"]).name
     names = display_names(roots, files)
     try:
-        cascade = load_cascade(Path(run_dir))
-    except ValueError as err:  # a malformed cascade.json or model file: a user-facing error
+        cascade = load_any_cascade(Path(run_dir))
+    except (ValueError, ImportError) as err:  # malformed cascade.json or model, or onnxruntime missing
         raise StepError(str(err)) from err
     spec = cascade.spec
     pc = cfg["predict"]

@@ -1,0 +1,314 @@
+"""Training and inference images/s of ich's stages next to timm's native PyTorch models, on CPU.
+
+    .venv/bin/python bench/train_speed.py                       # 128 px, batch 16, 3 rounds
+    .venv/bin/python bench/train_speed.py --size 64 --rounds 2 --no-onnx
+    .venv/bin/python bench/train_speed.py --set train.jit_compile=true   # ich with torch.compile
+
+ich's side is built exactly as `ich train` builds it: the config (configs/base.yaml plus
+--set), ich.models.online_augment's layers inside the model, ich.steps.train's model builder,
+loss (class weights for stage 1, per-label positive weights for stage 2), AUC metric, Adam at
+train.finetune_lr, train.jit_compile resolved as `ich train` does, random init with the whole
+network trainable (model.weights null: ich's finetune phase). It is timed once with online
+augmentation on (what training costs) and once with it off (the difference is the
+augmentation's cost). The reference is timm 1.0.31 in plain PyTorch: stage 1 =
+tf_efficientnetv2_b0 (1 logit, BCEWithLogits), stage 2 = one nn.Module with
+tf_efficientnetv2_b0 and convnext_tiny on the same input and the head ich has (1x1 projection
+and LayerNorm per backbone, learned token embedding, one post-norm transformer block of the
+same width, heads and MLP, mean pool, dropout, 5 logits), Adam at the same learning rate.
+Inference (forward only): ich's predict path (`predict_on_batch` on the augmentation-free
+stage model, as ich.evaluation.inference does), timm in eval mode under inference_mode, and
+onnxruntime on the stage exported by ich.backend.export_onnx (the graph `ich export` writes).
+
+Every contender trains on the same random float32 batch, already in host memory, in one
+process; rounds are interleaved (each round runs every contender once, in turn), so a load
+change on the shared machine hits all of them alike; the median over rounds is printed. The
+first steps of each contender (allocation, compilation) are not timed. The CPU model and core
+count are printed first so that figures from different machines can be told apart.
+
+timm is benchmark-only and loads without torchvision's compiled ops: see bench/timm_loader.py
+for the one-line install (into .bench-deps/, never into the project's environment).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("KERAS_BACKEND", "torch")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import numpy as np  # noqa: E402
+
+OUTPUTS = {"stage1": 1, "stage2": 5}
+
+
+def machine() -> str:
+    """CPU model and core count (lscpu), plus the load average, for the output's first line."""
+    model = "unknown CPU"
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        for line in text.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except (OSError, subprocess.SubprocessError):
+        pass
+    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
+    return f"{model}, {os.cpu_count()} cores, load average {load}"
+
+
+def random_batch(batch: int, size: int, outputs: int, seed: int = 0):
+    """(images float32 (N, S, S, 3) in [0, 1], labels float32 (N, k) with both classes per label)."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, (batch, outputs)).astype(np.float32)
+    y[0], y[1] = 0.0, 1.0
+    return rng.random((batch, size, size, 3), dtype=np.float32), y
+
+
+# ---------------------------------------------------------------------------------------- ich
+
+def ich_config(size: int, batch: int, overrides: list[str]) -> dict:
+    """The base config at this size and batch, plus the --set overrides."""
+    from ich import config
+
+    return config.load(None, [f"model.image_size={size}", f"train.batch_size={batch}",
+                              "model.weights=null", *overrides])
+
+
+def ich_training(cfg: dict, stage: str, augment: bool, x, y):
+    """A zero-argument training step of ich's `stage`, compiled as `ich train` compiles it."""
+    import keras
+
+    from ich import backend
+    from ich.models.cascade import set_backbone_trainable
+    from ich.models.online_augment import online_augmentation
+    from ich.steps import train as train_step
+
+    cfg = copy.deepcopy(cfg)
+    cfg["online_augment"]["enabled"] = augment
+    seed = int(cfg["seed"])
+    backend.set_seed(seed)
+    augmentation = online_augmentation(cfg["online_augment"], seed)
+    model = train_step.build_model(cfg, stage, augmentation)
+    set_backbone_trainable(model, True, pretrained=False)
+    loss, class_weight = train_step._loss(cfg, stage, y)
+    model.compile(optimizer=keras.optimizers.Adam(float(cfg["train"]["finetune_lr"])), loss=loss,
+                  metrics=[train_step._auc(stage)],
+                  jit_compile=backend.resolve_jit(cfg["train"]["jit_compile"]))
+
+    def step():
+        return float(model.train_on_batch(x, y, class_weight=class_weight, return_dict=True)["loss"])
+
+    return step
+
+
+def ich_inference_model(cfg: dict, stage: str):
+    """ich's stage as `ich predict` runs it: the float32 model without augmentation layers."""
+    from ich import backend
+    from ich.steps import train as train_step
+
+    backend.set_seed(int(cfg["seed"]))
+    return train_step.build_model(cfg, stage, augmentation=None)
+
+
+# --------------------------------------------------------------------------------------- timm
+
+def timm_model(stage: str, cfg: dict):
+    """timm's native model of `stage` ending in OUTPUTS[stage] logits (see the module docstring)."""
+    import torch
+
+    from timm_loader import load_timm
+
+    timm = load_timm()
+    if stage == "stage1":
+        return timm.create_model("tf_efficientnetv2_b0", pretrained=False, num_classes=1,
+                                 drop_rate=float(cfg["model"]["dropout"]))
+    dim, heads = int(cfg["model"]["fusion_dim"]), int(cfg["model"]["attention_heads"])
+    size = int(cfg["model"]["image_size"])
+
+    class Dual(torch.nn.Module):
+        """Two timm backbones, ich's token fusion and transformer block, one linear head."""
+
+        def __init__(self):
+            super().__init__()
+            self.backbones = torch.nn.ModuleList(
+                timm.create_model(n, pretrained=False, num_classes=0, global_pool="")
+                for n in ("tf_efficientnetv2_b0", "convnext_tiny"))
+            self.proj = torch.nn.ModuleList(torch.nn.Conv2d(b.num_features, dim, 1) for b in self.backbones)
+            self.norm = torch.nn.ModuleList(torch.nn.LayerNorm(dim, eps=1e-6) for _ in self.backbones)
+            tokens = 2 * (size // 32) ** 2
+            self.embedding = torch.nn.Parameter(torch.randn(1, tokens, dim) * 0.02)
+            self.block = torch.nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0,
+                                                          activation="gelu", batch_first=True,
+                                                          norm_first=False, layer_norm_eps=1e-6)
+            self.dropout = torch.nn.Dropout(float(cfg["model"]["dropout"]))
+            self.head = torch.nn.Linear(dim, OUTPUTS[stage])
+
+        def forward(self, x):
+            tokens = []
+            for backbone, proj, norm in zip(self.backbones, self.proj, self.norm):
+                t = proj(backbone.forward_features(x)).flatten(2).transpose(1, 2)
+                tokens.append(norm(t))
+            t = self.block(torch.cat(tokens, dim=1) + self.embedding)
+            return self.head(self.dropout(t.mean(dim=1)))
+
+    return Dual()
+
+
+def timm_training(stage: str, cfg: dict, x_np, y_np):
+    """A zero-argument training step of timm's model: Adam, BCEWithLogits, float32."""
+    import torch
+
+    torch.manual_seed(int(cfg["seed"]))
+    model = timm_model(stage, cfg).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=float(cfg["train"]["finetune_lr"]))
+    criterion = torch.nn.BCEWithLogitsLoss()
+
+    def step():
+        # From the same NHWC host array each step, as Keras receives it (a view, no copy).
+        x = torch.from_numpy(x_np).permute(0, 3, 1, 2)
+        y = torch.from_numpy(y_np)
+        optimizer.zero_grad(set_to_none=True)
+        loss = criterion(model(x), y)
+        loss.backward()
+        optimizer.step()
+        return float(loss.detach())
+
+    return step
+
+
+def timm_inference(stage: str, cfg: dict, x_np):
+    """A zero-argument forward pass of timm's model in eval mode, probabilities as numpy."""
+    import torch
+
+    torch.manual_seed(int(cfg["seed"]))
+    model = timm_model(stage, cfg).eval()
+
+    def step():
+        with torch.inference_mode():
+            return torch.sigmoid(model(torch.from_numpy(x_np).permute(0, 3, 1, 2))).numpy()
+
+    return step
+
+
+def onnx_inference(model, x_np, folder: Path):
+    """Export `model` with ich's exporter; a zero-argument onnxruntime run of it."""
+    import onnxruntime
+
+    from ich.backend import export_onnx
+    from ich.export import INPUT_NAME, OPSET, OUTPUT_NAME
+
+    path = folder / f"{model.name}.onnx"
+    export_onnx(model, path, tuple(x_np.shape[1:]), INPUT_NAME, OUTPUT_NAME, OPSET)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def step():
+        return session.run(None, {INPUT_NAME: x_np})[0]
+
+    return step
+
+
+# ------------------------------------------------------------------------------------ timing
+
+def interleaved(contenders: dict, batch: int, rounds: int, steps: int, warmup: int) -> dict:
+    """Median images/s of each zero-argument step function, rounds interleaved."""
+    for step in contenders.values():
+        for _ in range(warmup):
+            step()
+    rates = {name: [] for name in contenders}
+    for _ in range(rounds):
+        for name, step in contenders.items():
+            start = time.perf_counter()
+            for _ in range(steps):
+                step()
+            rates[name].append(steps * batch / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}
+
+
+def main(argv=None) -> int:
+    """Run the benchmark and print the tables; returns the exit code."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", type=int, default=128, help="image side in pixels")
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (median taken)")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per contender and round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per contender first")
+    parser.add_argument("--stages", nargs="+", default=["stage1", "stage2"], choices=list(OUTPUTS))
+    parser.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime column")
+    parser.add_argument("--no-inference", action="store_true", help="training only")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="ich config override (e.g. train.jit_compile=true); repeatable")
+    args = parser.parse_args(argv)
+
+    import keras
+    import torch
+
+    if keras.backend.backend() != "torch":
+        print(f"error: run with KERAS_BACKEND=torch (now {keras.backend.backend()}): the "
+              f"comparison is Keras-on-torch against native torch", file=sys.stderr)
+        return 2
+    from timm_loader import load_timm
+
+    try:
+        timm = load_timm()
+    except ImportError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    from ich import backend
+
+    cfg = ich_config(args.size, args.batch, args.set)
+    print(f"{machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads), keras "
+          f"{keras.__version__}, timm {timm.__version__}")
+    print(f"{args.size} px, batch {args.batch}, float32, Adam, random init; {args.rounds} "
+          f"interleaved rounds x {args.steps} steps after {args.warmup} warm-up; ich jit_compile "
+          f"{backend.resolve_jit(cfg['train']['jit_compile'])}", flush=True)
+
+    train_rows, infer_rows = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in args.stages:
+            x, y = random_batch(args.batch, args.size, OUTPUTS[stage])
+            rates = interleaved({
+                "ich": ich_training(cfg, stage, True, x, y),
+                "ich_no_aug": ich_training(cfg, stage, False, x, y),
+                "timm": timm_training(stage, cfg, x, y),
+            }, args.batch, args.rounds, args.steps, args.warmup)
+            train_rows.append((stage, rates))
+            print(f"  {stage} training done: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()),
+                  flush=True)
+            if args.no_inference:
+                continue
+            model = ich_inference_model(cfg, stage)
+            contenders = {"ich": lambda m=model: np.asarray(m.predict_on_batch(x)),
+                          "timm": timm_inference(stage, cfg, x)}
+            if not args.no_onnx:
+                contenders["onnx"] = onnx_inference(model, x, Path(tmp))
+            rates = interleaved(contenders, args.batch, args.rounds, args.steps, args.warmup)
+            infer_rows.append((stage, rates))
+            print(f"  {stage} inference done: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()),
+                  flush=True)
+
+    print("\ntraining, images/s (ich with online augmentation; augmentation cost = 1 - ich / ich without it)")
+    print(f"{'stage':<8}{'ich':>9}{'ich no aug':>12}{'timm':>9}{'ich/timm':>10}{'no-aug/timm':>13}{'aug cost':>10}")
+    for stage, r in train_rows:
+        print(f"{stage:<8}{r['ich']:>9.1f}{r['ich_no_aug']:>12.1f}{r['timm']:>9.1f}"
+              f"{r['ich'] / r['timm']:>10.2f}{r['ich_no_aug'] / r['timm']:>13.2f}"
+              f"{1 - r['ich'] / r['ich_no_aug']:>10.0%}")
+    if infer_rows:
+        print("\ninference (forward only), images/s")
+        print(f"{'stage':<8}{'ich':>9}{'timm':>9}{'onnxrt':>9}{'ich/timm':>10}{'onnxrt/timm':>13}")
+        for stage, r in infer_rows:
+            onnx = r.get("onnx", float("nan"))
+            print(f"{stage:<8}{r['ich']:>9.1f}{r['timm']:>9.1f}{onnx:>9.1f}"
+                  f"{r['ich'] / r['timm']:>10.2f}{onnx / r['timm']:>13.2f}")
+    print(f"\nload average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
