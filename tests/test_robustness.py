@@ -223,3 +223,31 @@ def test_predict_outputs_carry_no_patient_identifiers(source, run_dir, tmp_path)
                  "--set", "predict.workers=1", "--keep-patient-id"]) == 0
     studies = (keep / "studies.csv").read_text()
     assert "'=HYPERLINK" in studies and "\n=" not in studies and ",=" not in studies   # escaped
+
+
+def test_lock_names_holder_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    from ich.locks import LockError, hold
+
+    folder = tmp_path / "work"
+    with hold(folder, "work directory"):
+        with hold(folder):                     # re-entrant in one process
+            pass
+        # Another process cannot take it while we hold it, and is told who does.
+        code = ("import sys; from ich.locks import hold\n"
+                f"with hold({str(folder)!r}, 'work directory'): pass\n")
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert other.returncode != 0 and f"pid {os.getpid()}" in other.stderr
+    # A holder killed with SIGKILL leaves its record behind; the next run takes the lock over.
+    holder = subprocess.Popen([sys.executable, "-c", code.replace("pass", "import time; time.sleep(600)")])
+    deadline = time.monotonic() + 60
+    while not (folder / LOCK_NAME).read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with pytest.raises(LockError, match=f"pid {holder.pid} on host"):
+        with hold(folder):
+            pass
+    holder.kill()
+    holder.wait()
+    assert str(holder.pid) in (folder / LOCK_NAME).read_text()   # the record outlives it
+    with hold(folder):
+        assert str(os.getpid()) in (folder / LOCK_NAME).read_text()
