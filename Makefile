@@ -12,13 +12,13 @@ export PIP_FIND_LINKS ?= /opt/wheels
 endif
 
 DEMO_DATA := data/synth
-DEMO_CONFIG := configs/demo.yaml
+DEMO_CONFIG := demo
 
 .PHONY: demo test test-all bench clean install
 
 $(BIN)/ich: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[torch,jax,test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[torch,jax,test,mlflow]'
 	touch $(BIN)/ich
 
 install: $(BIN)/ich
@@ -33,7 +33,7 @@ test: $(BIN)/ich
 
 # Everything, the slow tests and the TensorFlow backend included.
 test-all: $(BIN)/ich
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[torch,jax,tensorflow,test]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[torch,jax,tensorflow,test,mlflow]'
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/ich

@@ -29,7 +29,8 @@ def add_augmented(work: Path) -> None:
 def test_split_table_joins_paths_and_adds_augmented_rows_to_train_only(work):
     add_augmented(work)
     train = loading.split_table(work, "train", include_augmented=True)
-    assert list(train.columns) == ["image_id", "path", *LABELS, "series_id", "position", "target"]
+    assert list(train.columns) == ["image_id", "path", *LABELS, "study_id", "series_id",
+                                   "position", "target"]
     assert train["target"].tolist() == [1] * 7
     assert train["image_id"].tolist() == ["ID_a", "ID_b", "ID_c", "ID_d", "ID_e", "ID_f", "ID_a__aug1"]
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in train["path"])

@@ -299,6 +299,60 @@ def test_jpeg_ls_decodes(no_network, tmp_path):
     assert "JPEGLSLossless" in meta["storage"]
 
 
+@pytest.fixture
+def only_permissive_decoders(monkeypatch):
+    """Hide pylibjpeg's GPL-3.0 libjpeg plugin where it is installed: the default install has
+    none, so JPEG Lossless and JPEG-LS must decode through GDCM (BSD) alone."""
+    from pydicom.pixels import decoders
+
+    for decoder in (decoders.JPEGLosslessDecoder, decoders.JPEGLosslessSV1Decoder,
+                    decoders.JPEGLSLosslessDecoder, decoders.JPEGLSNearLosslessDecoder):
+        kept = {name: plugin for name, plugin in decoder._available.items() if name != "pylibjpeg"}
+        monkeypatch.setattr(decoder, "_available", kept)
+        assert "gdcm" in kept, "python-gdcm is a dependency of ich: pip install python-gdcm"
+
+
+def _to_jpeg_lossless(source: Path, target: Path) -> Path:
+    """Re-encode `source` as JPEG Lossless (process 14, SV1) with GDCM: pydicom cannot encode it."""
+    import gdcm
+
+    reader = gdcm.ImageReader()
+    reader.SetFileName(str(source))
+    assert reader.Read()
+    change = gdcm.ImageChangeTransferSyntax()
+    change.SetTransferSyntax(gdcm.TransferSyntax(gdcm.TransferSyntax.JPEGLosslessProcess14_1))
+    change.SetInput(reader.GetImage())
+    assert change.Change()
+    writer = gdcm.ImageWriter()
+    writer.SetFileName(str(target))
+    writer.SetFile(reader.GetFile())
+    writer.SetImage(change.GetOutput())
+    assert writer.Write()
+    return target
+
+
+def test_jpeg_lossless_ct_decodes_without_gpl_plugin(no_network, only_permissive_decoders, tmp_path):
+    source = offline_file("CT_small.dcm")
+    hu, meta = read_hu(_to_jpeg_lossless(source, tmp_path / "jpll.dcm"))
+    np.testing.assert_array_equal(hu, read_hu(source)[0])   # lossless: the very same HU
+    assert meta["storage"].endswith("JPEGLosslessSV1")
+
+
+def test_shipped_jpeg_lossless_file_decodes_without_gpl_plugin(no_network, only_permissive_decoders,
+                                                                tmp_path):
+    # pydicom-data's JPEG Lossless file is NM, 1024x256, 16-bit; relabel it CT as above.
+    ds = pydicom.dcmread(offline_file("JPEG-LL.dcm"))
+    ds.Modality, ds.RescaleIntercept, ds.RescaleSlope = "CT", 0, 1
+    ds.save_as(tmp_path / "jpll.dcm")
+    hu, meta = read_hu(tmp_path / "jpll.dcm")
+    assert hu.shape == (1024, 256) and meta["storage"].endswith("JPEGLosslessSV1")
+    assert hu.min() == 0 and hu.max() == 278   # what GDCM and pylibjpeg-libjpeg both decode
+
+
+def test_jpeg_ls_decodes_without_gpl_plugin(no_network, only_permissive_decoders, tmp_path):
+    test_jpeg_ls_decodes(no_network, tmp_path)
+
+
 def test_undecodable_compressed_file_fails(no_network, tmp_path):
     ds = pydicom.dcmread(offline_file("693_J2KR.dcm"))
     ds.PixelData = encapsulate([b"\xff\x4f\xff\x51" + b"\x00" * 200])

@@ -39,7 +39,7 @@ def make_work_dir(root, n_per_split=(6, 20, 24), seed=0):
             path = f"{PNG_DIR}/{image_id}.png"
             cv2.imwrite(str(work / path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             split_rows.append({"image_id": image_id, "split": split, "patient_id": f"P{i // 3}_{split}",
-                               **dict(zip(LABELS, y[i]))})
+                               "study_id": f"S{i // 3}_{split}", **dict(zip(LABELS, y[i]))})
             image_rows.append({"image_id": image_id, "patient_id": f"P{i // 3}_{split}", "path": path})
     pd.DataFrame(split_rows).to_csv(work / SPLITS_CSV, index=False)
     pd.DataFrame(image_rows).to_csv(work / IMAGES_CSV, index=False)
@@ -101,6 +101,26 @@ def test_evaluate_writes_metrics_thresholds_and_report(setup):
     assert all((eval_dir / link).is_file() for link in links)
     assert f"| any | {metrics['labels']['any']['roc_auc']:.3f} |" in report
     assert "Research use only" in report
+
+
+def test_study_level_is_the_max_over_slices_and_agrees_with_scikit_learn(setup):
+    from sklearn.metrics import roc_auc_score
+
+    cfg, work, run = setup
+    metrics = json.loads(evaluate.run(cfg).read_text())
+    studies = pd.read_csv(run / EVAL_DIR / "studies.csv")
+    test_part, test_true, test_prob = _truth_and_expected(work, "test")
+    groups = test_part.assign(**{f"p_{l}": test_prob[:, j] for j, l in enumerate(LABELS)}).groupby("study_id")
+    assert studies["study_id"].tolist() == sorted(groups.groups)
+    assert studies["n_slices"].tolist() == groups.size().tolist()
+    np.testing.assert_allclose(studies["any"], groups["p_any"].max(), atol=1e-5)
+    assert studies["any_true"].tolist() == groups["any"].max().tolist()
+    assert metrics["studies"]["overall"]["n_images"] == len(studies)
+    # Every test study here has a bleed (AUC undefined: None); epidural has both classes.
+    assert metrics["studies"]["labels"]["any"]["roc_auc"] is None
+    assert 0 < studies["epidural_true"].sum() < len(studies)
+    assert metrics["studies"]["labels"]["epidural"]["roc_auc"] == pytest.approx(
+        roc_auc_score(studies["epidural_true"], studies["epidural"]))
 
 
 def test_other_threshold_method_is_chosen_on_val_and_leaves_the_run_alone(setup, caplog):

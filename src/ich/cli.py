@@ -1,22 +1,28 @@
-"""The one `ich` command: `ich <step> --config FILE [--set k=v ...] [--force]`, `ich run`,
-`ich synth`, `ich predict`.
+"""The one `ich` command: `ich <step> [--config C] [--set k=v ...] [--force]`, `ich run`,
+`ich synth`, `ich predict`, `ich config show|init|schema`.
 
 Each step lives in `ich.steps.<name>` and exposes `run(cfg, force=False) -> Path`. Steps are
 imported lazily so that data steps start without importing Keras.
+
+Exit codes (also in the README): 0 done; 1 an unexpected error (a bug: the traceback is
+printed); 2 a usage, config or data error whose message names the fix; 130 interrupted.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import logging
 import sys
 from contextlib import ExitStack
+from datetime import datetime, timezone
 from pathlib import Path
 
-from ich import backend
+from ich import __version__, backend
 from ich import config as config_mod
-from ich.constants import RESOLVED_CONFIG, STEPS
+from ich import provenance, tracking
+from ich.constants import MODEL_SUFFIX, RESOLVED_CONFIG, STEPS
 from ich.errors import StepError  # noqa: F401  (re-exported: steps raise ich.cli.StepError)
 from ich.locks import LockError, hold
 
@@ -25,21 +31,43 @@ log = logging.getLogger("ich")
 RUN_DIR_STEPS = ("train", "evaluate")   # steps that write into paths.run_dir
 
 
+EXIT_OK, EXIT_BUG, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+# Log files get timestamps and levels; the terminal gets the bare message.
+FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `ich` console script; returns the process exit code."""
     parser = _build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(format="%(message)s", stream=sys.stderr)
-    # Set on our logger, not the root: libraries keep their own (quieter) levels.
-    log.setLevel(logging.WARNING if args.quiet else logging.INFO)
+    setup_logging(verbose=args.verbose, quiet=args.quiet, log_file=args.log_file)
     try:
         return args.func(args)
     except (config_mod.ConfigError, StepError, FileNotFoundError, LockError) as err:
         log.error("error: %s", err)
-        return 2
+        return EXIT_USAGE
     except KeyboardInterrupt:
         log.error("interrupted; finished work is kept, run the same command again to resume")
-        return 130
+        return EXIT_INTERRUPTED
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False, log_file: str | None = None) -> None:
+    """Messages of the `ich` logger to stderr and, with timestamps and levels, to `log_file`.
+
+    The level is set on our logger, not the root: libraries keep their own (quieter) levels.
+    -v shows debug messages, -q only warnings and errors (in the file too).
+    """
+    logging.basicConfig(format="%(message)s", stream=sys.stderr)
+    log.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    for handler in [h for h in log.handlers if getattr(h, "_ich_log_file", False)]:
+        log.removeHandler(handler)  # a second main() in one process must not log twice
+        handler.close()
+    if log_file:
+        Path(log_file).parent.mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(log_file, encoding="utf-8")
+        handler.setFormatter(logging.Formatter(FILE_FORMAT))
+        handler._ich_log_file = True
+        log.addHandler(handler)
 
 
 def choose_backend(cfg: dict) -> str:
@@ -57,13 +85,28 @@ def run_step(name: str, cfg: dict, force: bool = False) -> Path:
     for the step: a second `ich` on the same folder stops at once (LockError names the first).
     """
     work = Path(cfg["paths"]["work_dir"])
+    run_dir = Path(cfg["paths"]["run_dir"])
     with ExitStack() as locks:
         locks.enter_context(hold(work, "work directory"))
         if name in RUN_DIR_STEPS:
-            locks.enter_context(hold(Path(cfg["paths"]["run_dir"]), "run directory"))
+            locks.enter_context(hold(run_dir, "run directory"))
         config_mod.save(cfg, work / RESOLVED_CONFIG)
         module = importlib.import_module(f"ich.steps.{name}")
-        return module.run(cfg, force=force)
+        started, before = datetime.now(timezone.utc), _model_times(run_dir)
+        result = module.run(cfg, force=force)
+        # Provenance and tracking read what train/evaluate wrote; they run only after new work.
+        if name == "train":
+            if _model_times(run_dir) != before:  # trained now (a skipped train keeps its record)
+                provenance.write(cfg, run_dir, started, datetime.now(timezone.utc))
+            tracking.after_train(cfg, run_dir)
+        elif name == "evaluate":
+            tracking.after_evaluate(cfg, run_dir)
+        return result
+
+
+def _model_times(run_dir: Path) -> list[tuple[str, int]]:
+    """Modification times of the stage models (None where absent): did this train write them?"""
+    return [(p.name, p.stat().st_mtime_ns) for p in sorted(run_dir.glob(f"*{MODEL_SUFFIX}"))]
 
 
 def _flag_overrides(args) -> list[str]:
@@ -107,20 +150,37 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    overrides = [*args.set, *_flag_overrides(args)]
-    cfg = config_mod.load(args.config, overrides) if args.config else config_mod.load(None, overrides)
+    cfg = config_mod.load(args.config, [*args.set, *_flag_overrides(args)])
     choose_backend(cfg)
-    from ich.steps import predict
+    from ich.steps import predict  # after the backend is chosen: predict imports Keras
 
     with hold(Path(args.out), "predict output folder"):
         predict.predict_paths([Path(p) for p in args.paths], Path(args.model), Path(args.out), cfg)
     return 0
 
 
-def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--config", required=required, help="experiment YAML (overrides configs/base.yaml)")
+def _cmd_config_show(args) -> int:
+    print(config_mod.dump(config_mod.load(args.config, args.set)), end="")
+    return 0
+
+
+def _cmd_config_init(args) -> int:
+    path = config_mod.write_starter(Path(args.path), force=args.force)
+    log.info("config: starter config written to %s; run `ich run --config %s`", path, path)
+    return 0
+
+
+def _cmd_config_schema(args) -> int:
+    print(json.dumps(config_mod.json_schema(), indent=2))
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", metavar="C", help=(
+        "experiment YAML overriding the defaults: a path, or a packaged config's name "
+        f"({', '.join(config_mod.packaged_names())}); without it, the defaults (`ich config show`)"))
     p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override one config key; repeatable")
+                   help="override one config key, the value read as YAML (--set train.batch_size=16); repeatable")
 
 
 def _add_retry_arg(p: argparse.ArgumentParser) -> None:
@@ -132,8 +192,13 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="ich", description="Intracranial hemorrhage detection on head CT (RSNA 2019). "
         "Research use only, not for clinical diagnosis.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}",
+                        help="print the version and exit")
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug messages too")
+    parser.add_argument("--log-file", metavar="PATH",
+                        help="also write every message, with timestamps, to PATH (appended)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
         "sample": "RSNA long CSV -> labels.csv (wide) and sampled.csv (balanced sample)",
         "copy": "copy the sampled DICOMs into work/dicom/ (threads)",
@@ -153,8 +218,10 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run several steps in order, skipping finished ones")
     _add_config_args(p)
-    p.add_argument("--from", dest="from_step", choices=STEPS, default=STEPS[0])
-    p.add_argument("--to", dest="to_step", choices=STEPS, default=STEPS[-1])
+    p.add_argument("--from", dest="from_step", choices=STEPS, default=STEPS[0], metavar="STEP",
+                   help=f"first step ({', '.join(STEPS)}; default {STEPS[0]})")
+    p.add_argument("--to", dest="to_step", choices=STEPS, default=STEPS[-1], metavar="STEP",
+                   help=f"last step (default {STEPS[-1]})")
     p.add_argument("--force", action="store_true", help="redo the --from step even if complete")
     _add_retry_arg(p)
     p.set_defaults(func=_cmd_run)
@@ -163,7 +230,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("out_dir", help="writes OUT_DIR/stage_2_train/ID_<hex>.dcm and OUT_DIR/stage_2_train.csv")
     p.add_argument("--patients", type=int, default=20, help="number of patients (one study each, some two)")
     p.add_argument("--slices", type=int, default=24, help="axial slices per study")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same files")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (RSNA: 512)")
     p.add_argument("--workers", default="auto", help="processes; auto = all cores")
     p.set_defaults(func=_cmd_synth)
@@ -172,11 +239,23 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("paths", nargs="+", help="DICOM or PNG files, or folders of them")
     p.add_argument("--model", required=True, help="run directory holding stage1.keras, stage2.keras, cascade.json")
     p.add_argument("--out", required=True, help="output folder for predictions.csv, submission.csv, studies.csv")
-    _add_config_args(p, required=False)
+    _add_config_args(p)
     _add_retry_arg(p)
     p.add_argument("--keep-patient-id", action="store_true",
                    help="write PatientID into studies.csv (off: outputs carry no patient identifiers)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("config", help="print the resolved config, write a starter config, or the JSON Schema")
+    config_sub = p.add_subparsers(dest="config_command", required=True, metavar="ACTION")
+    q = config_sub.add_parser("show", help="print the resolved config (defaults + --config + --set) as YAML")
+    _add_config_args(q)
+    q.set_defaults(func=_cmd_config_show)
+    q = config_sub.add_parser("init", help="write a starter config: every key, its default and what it does")
+    q.add_argument("path", help="YAML file to write, e.g. my_experiment.yaml")
+    q.add_argument("--force", action="store_true", help="overwrite PATH if it exists")
+    q.set_defaults(func=_cmd_config_init)
+    q = config_sub.add_parser("schema", help="print the config's JSON Schema (for editors' completion and checks)")
+    q.set_defaults(func=_cmd_config_schema)
     return parser
 
 

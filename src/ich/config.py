@@ -1,13 +1,18 @@
 """Load, merge, validate and save the one YAML config.
 
-In: configs/base.yaml (every key and its default), an experiment YAML that overrides some keys,
-and `section.key=value` overrides from the command line. Out: a nested dict whose keys are
-exactly those of base.yaml, with values type-checked against the defaults.
+In: the packaged ich/configs/base.yaml (every key and its default), an experiment YAML that
+overrides some keys (a path, or the name of a packaged config: `demo`, `rsna`), and
+`section.key=value` overrides from the command line. Out: a plain nested dict whose keys are
+exactly those of base.yaml, every value checked against its type and range (ich.schema, pydantic):
+steps read cfg["train"]["batch_size"] and never see pydantic.
+
+Adding a key: its default and a comment in base.yaml, its type and range in ich.schema.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -16,42 +21,59 @@ import yaml
 
 from ich.data.inputs import InputSpec
 
-# Keys whose value must be one of a fixed set: a typo should fail at load, not mid-training.
-CHOICES = {
-    "copy.mode": ("copy", "hardlink", "symlink"),
-    "online_augment.flip": ("horizontal", "vertical", "horizontal_and_vertical", "none"),
-    "data.cache": ("packed", "png"),
-    "train.backend": ("auto", "torch", "jax", "tensorflow"),
-    "train.mixed_precision": ("auto", True, False),
-    "train.jit_compile": ("auto", True, False),
-    "train.class_weight": ("balanced", "none"),
-    "train.pos_weight": ("balanced", "none"),
-    "evaluate.threshold_method": ("youden", "f1"),
-}
-# Keys that take "auto" or a positive int.
-AUTO_INT = ("preprocess.workers", "augment.workers", "data.workers", "predict.workers")
-
-
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the key and the fix."""
 
 
+# The packaged configs (ich/configs/<name>.yaml): base.yaml is the schema, the others examples.
+BASE = "base"
+
+
+def packaged_dir() -> Path:
+    """Folder of the packaged configs (src/ich/configs in a source checkout)."""
+    return Path(str(resources.files("ich") / "configs"))
+
+
 def base_path() -> Path:
-    """Path of the packaged base.yaml (configs/base.yaml in a source checkout)."""
-    return Path(str(resources.files("ich") / "base.yaml"))
+    """Path of the packaged base.yaml: every key and its default."""
+    return packaged_dir() / f"{BASE}.yaml"
+
+
+def packaged_names() -> list[str]:
+    """Names of the packaged example configs that `--config NAME` accepts (base excluded)."""
+    return sorted(p.stem for p in packaged_dir().glob("*.yaml") if p.stem != BASE)
+
+
+def resolve_path(name: str | Path) -> Path:
+    """A config argument as a file: an existing path wins, else a packaged name (`demo`, `demo.yaml`).
+
+    Raises ConfigError naming the packaged configs when it is neither.
+    """
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.name[:-5] if path.name.endswith(".yaml") else path.name
+    # Only a bare name may mean a packaged config: `runs/x/demo.yaml` that is missing stays an error.
+    if path.parent == Path(".") and stem in packaged_names():
+        return packaged_dir() / f"{stem}.yaml"
+    raise ConfigError(f"config file {path} not found; give a path to a YAML file or one of the "
+                      f"packaged configs: {', '.join(packaged_names())}")
 
 
 def load(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> dict:
-    """Return base.yaml merged with the experiment file at `path` and `key=value` overrides."""
+    """Return base.yaml merged with the experiment config `path` and `key=value` overrides.
+
+    `path` is a YAML file or the name of a packaged config (see resolve_path); None means the
+    defaults alone.
+    """
     cfg = _read_yaml(base_path())
     if path is not None:
-        experiment = _read_yaml(Path(path))
+        experiment = _read_yaml(resolve_path(path))
         _merge(cfg, experiment, source=str(path), prefix="")
     for item in overrides:
         key, value = parse_override(item)
         set_key(cfg, key, value, source="--set")
-    validate(cfg)
-    return cfg
+    return validate(cfg)
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -67,7 +89,10 @@ def parse_override(item: str) -> tuple[str, Any]:
 
 
 def set_key(cfg: dict, dotted: str, value: Any, source: str = "--set") -> None:
-    """Set `a.b.c` in cfg; an unknown key raises ConfigError listing the valid ones."""
+    """Set `a.b.c` in cfg; an unknown key raises ConfigError listing the valid ones.
+
+    Types and ranges are checked afterwards, by validate(), on the whole config.
+    """
     parts = dotted.split(".")
     node = cfg
     for depth, part in enumerate(parts):
@@ -76,46 +101,115 @@ def set_key(cfg: dict, dotted: str, value: Any, source: str = "--set") -> None:
             valid = ", ".join(sorted(node)) if isinstance(node, dict) else "(not a section)"
             raise ConfigError(f"{source}: unknown key {dotted!r} (at {where}); valid keys: {valid}")
         if depth == len(parts) - 1:
-            node[part] = _coerce(node[part], value, dotted, source)
+            if _is_section(node[part], dotted):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: {dotted!r} is a section; give it a mapping, not {value!r}")
+                _merge(node[part], value, source, prefix=f"{dotted}.")
+            else:
+                node[part] = copy.deepcopy(value)
         else:
             node = node[part]
 
 
-def validate(cfg: dict) -> None:
-    """Check enumerations and numeric ranges that types alone cannot express."""
-    for key, allowed in CHOICES.items():
-        value = get(cfg, key)
-        if value not in allowed:
-            raise ConfigError(f"{key}: {value!r} is not one of {list(allowed)}")
-    for key in AUTO_INT:
-        value = get(cfg, key)
-        if value != "auto" and not (isinstance(value, int) and value >= 1):
-            raise ConfigError(f"{key}: {value!r} must be 'auto' or a positive integer")
-    fractions = cfg["split"]["fractions"]
-    if len(fractions) != 3 or any(f < 0 for f in fractions) or abs(sum(fractions) - 1) > 1e-6:
-        raise ConfigError(f"split.fractions: {fractions} must be three non-negative numbers summing to 1")
-    windows = cfg["preprocess"]["windows"]
-    for name, pair in windows.items():
-        if not (isinstance(pair, list) and len(pair) == 2 and pair[1] > 0):
-            raise ConfigError(f"preprocess.windows.{name}: {pair!r} must be [center, width] with width > 0")
-    for name in cfg["preprocess"]["channels"]:
-        if name not in windows:
-            raise ConfigError(
-                f"preprocess.channels: unknown window {name!r}; defined windows: {sorted(windows)}")
-    if len(cfg["preprocess"]["channels"]) != 3:
-        raise ConfigError("preprocess.channels: exactly three window names (red, green, blue)")
+def validate(cfg: dict) -> dict:
+    """Check every key's type and range (ich.schema); return the validated plain dict.
+
+    Raises ConfigError naming each key at fault, its value and what is allowed.
+    """
+    from pydantic import ValidationError
+
+    from ich.schema import Config
+
     try:
-        InputSpec.from_config(cfg)
+        model = Config.model_validate(cfg)
+    except ValidationError as err:
+        raise ConfigError(_describe(err, cfg)) from None
+    plain = model.model_dump(by_alias=True)
+    try:
+        InputSpec.from_config(plain)  # offsets and slice channels against the windows
     except ValueError as err:
-        raise ConfigError(str(err)) from err
-    for section in ("augment", "online_augment"):
-        for key, value in cfg[section].items():
-            # Probabilities (`*_p`) and the elastic strength are fractions.
-            if (key.endswith("_p") or key == "elastic_scale") and not 0 <= value <= 1:
-                raise ConfigError(f"{section}.{key}: {value!r} must lie in [0, 1]")
-    for key in ("sample.per_label", "preprocess.image_size", "model.image_size", "train.batch_size"):
-        if get(cfg, key) < 1:
-            raise ConfigError(f"{key}: must be at least 1, got {get(cfg, key)}")
+        raise ConfigError(str(err)) from None
+    return plain
+
+
+def json_schema() -> dict:
+    """The config's JSON Schema, each key with its base.yaml default and comment (for editors)."""
+    from ich.schema import Config
+
+    schema = Config.model_json_schema(by_alias=True)
+    schema["title"] = "ich config"
+    schema["description"] = ("An ich experiment config: every key optional, overriding "
+                             "ich/configs/base.yaml (the defaults shown).")
+    schema.pop("required", None)
+    base = _read_yaml(base_path())
+    comments = base_comments()
+    defs = schema.get("$defs", {})
+
+    def annotate(node: dict, values: dict, prefix: str) -> None:
+        node.pop("required", None)  # an experiment config overrides only some keys
+        for key, prop in node.get("properties", {}).items():
+            dotted = f"{prefix}{key}"
+            if dotted in comments:
+                prop["description"] = comments[dotted]
+            ref = prop.get("$ref")
+            if ref and isinstance(values.get(key), dict):
+                annotate(defs[ref.rsplit("/", 1)[-1]], values[key], f"{dotted}.")
+            elif key in values:
+                prop["default"] = values[key]
+
+    annotate(schema, base, "")
+    return schema
+
+
+def base_comments() -> dict[str, str]:
+    """{"train.batch_size": "images per step", ...}: the trailing comment of each base.yaml key."""
+    comments, stack = {}, []
+    for line in base_path().read_text().splitlines():
+        match = re.match(r"^( *)([A-Za-z_][\w]*):(.*?)(?:\s+#\s*(.*))?$", line)
+        if not match:
+            continue
+        indent, key, _, comment = match.groups()
+        depth = len(indent) // 2
+        stack = stack[:depth] + [key]
+        if comment:
+            comments[".".join(stack)] = comment.strip()
+    return comments
+
+
+def _describe(err, cfg: dict) -> str:
+    """One line per bad key: `key: value is not allowed: what is allowed`."""
+    problems: dict[str, list[str]] = {}
+    values: dict[str, Any] = {}
+    for item in err.errors(include_url=False):
+        # The location runs through the config, then (for unions) names the member types.
+        node, keys = cfg, []
+        for part in item["loc"]:
+            if isinstance(node, dict) and part in node:
+                node = node[part]
+            elif isinstance(node, list) and isinstance(part, int) and part < len(node):
+                node = node[part]
+            else:
+                break
+            keys.append(str(part))
+        key = ".".join(keys) or "config"
+        message = item["msg"].removeprefix("Value error, ")
+        if item["type"] == "missing":
+            message = "missing"
+        values.setdefault(key, node)
+        if message not in problems.setdefault(key, []):
+            problems[key].append(message)
+    lines = []
+    for key, messages in problems.items():
+        if "Input should be a valid number" in messages:
+            # int | float: "a valid number" says it all
+            messages = [m for m in messages if m != "Input should be a valid integer"]
+        if len(messages) == 1 and messages[0].startswith((f"{key}:", f"{key}.")):
+            lines.append(messages[0])  # a check that already names the key and the fix
+        else:
+            lines.append(f"{key}: {values[key]!r} is not allowed: {'; or '.join(messages)}")
+    if len(lines) == 1:
+        return lines[0]
+    return f"{len(lines)} config errors:\n  " + "\n  ".join(lines)
 
 
 def get(cfg: dict, dotted: str) -> Any:
@@ -124,6 +218,27 @@ def get(cfg: dict, dotted: str) -> Any:
     for part in dotted.split("."):
         node = node[part]
     return node
+
+
+def dump(cfg: dict) -> str:
+    """The config as YAML text, keys in base.yaml's order."""
+    return yaml.safe_dump(cfg, sort_keys=False)
+
+
+def write_starter(path: Path, force: bool = False) -> Path:
+    """Write a starter experiment config: base.yaml's keys, defaults and comments, to edit.
+
+    Refuses to overwrite an existing file unless force (ConfigError naming the file).
+    """
+    from ich import __version__
+    from ich.io import atomic_write_text
+
+    if path.exists() and not force:
+        raise ConfigError(f"{path} exists; choose another path or pass --force to overwrite it")
+    header = (f"# Starter config written by ich {__version__} (`ich config init`): every key with its\n"
+              f"# default. Change what you need and delete the rest; run `ich run --config {path}`.\n\n")
+    body = base_path().read_text().split("\n\n", 1)[1]  # base.yaml's own header is about base.yaml
+    return atomic_write_text(path, header + body)
 
 
 def save(cfg: dict, path: Path) -> Path:
@@ -163,30 +278,17 @@ def _merge(cfg: dict, override: dict, source: str, prefix: str) -> None:
         if key not in cfg:
             valid = ", ".join(sorted(cfg))
             raise ConfigError(f"{source}: unknown key {dotted!r}; valid keys here: {valid}")
-        # Named-window tables are open: users may define their own windows.
-        if isinstance(cfg[key], dict) and dotted != "preprocess.windows":
+        if _is_section(cfg[key], dotted):
             if not isinstance(value, dict):
                 raise ConfigError(f"{source}: {dotted!r} is a section; give it a mapping, not {value!r}")
             _merge(cfg[key], value, source, prefix=f"{dotted}.")
         else:
-            cfg[key] = _coerce(cfg[key], value, dotted, source)
+            cfg[key] = copy.deepcopy(value)
 
 
-def _coerce(default: Any, value: Any, key: str, source: str) -> Any:
-    """Accept `value` where it fits the type of `default`; None defaults accept anything."""
-    if default is None or value is None:
-        return copy.deepcopy(value)
-    if isinstance(default, bool) or isinstance(value, bool):
-        if key in CHOICES or isinstance(default, bool) == isinstance(value, bool):
-            return value
-    elif isinstance(default, (int, float)) and isinstance(value, (int, float)):
-        return float(value) if isinstance(default, float) else value
-    elif isinstance(default, str) and (isinstance(value, str) or key in CHOICES or key in AUTO_INT):
-        return value
-    elif isinstance(default, list) and isinstance(value, list):
-        return copy.deepcopy(value)
-    elif isinstance(default, dict) and isinstance(value, dict):
-        return copy.deepcopy(value)
-    raise ConfigError(
-        f"{source}: {key} = {value!r} has type {type(value).__name__}; "
-        f"expected {type(default).__name__} like the default {default!r}")
+# Mappings that are values, replaced whole, not sections of fixed keys: users name their windows.
+OPEN_TABLES = ("preprocess.windows",)
+
+
+def _is_section(default: Any, dotted: str) -> bool:
+    return isinstance(default, dict) and dotted not in OPEN_TABLES

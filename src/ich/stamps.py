@@ -15,12 +15,14 @@ folder of 750,000 DICOMs is listed, never read).
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ich.constants import STEPS
 from ich.io import write_json
 
 STAMP_DIR = ".done"
@@ -141,10 +143,6 @@ def _key(path: Path, folder: Path) -> str:
 
 def step_stamps(cfg: dict, step: str) -> list[Stamp]:
     """The stamps of pipeline step `step` (its module's `stamps(cfg)`)."""
-    import importlib
-
-    from ich.constants import STEPS
-
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; valid: {', '.join(STEPS)}")
     return importlib.import_module(f"ich.steps.{step}").stamps(cfg)

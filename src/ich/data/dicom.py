@@ -1,7 +1,8 @@
 """Read one CT DICOM file into Hounsfield units, with the RSNA storage quirks fixed.
 
 In: a path to a single-frame greyscale CT DICOM (uncompressed or compressed; compressed
-syntaxes decode through pydicom's pylibjpeg plugins). Out: `read_hu(path)` returns a float32
+syntaxes decode through pydicom's plugins: GDCM for JPEG Lossless and JPEG-LS, pylibjpeg-openjpeg
+for JPEG 2000, pydicom itself for RLE; all permissive licences). Out: `read_hu(path)` returns a float32
 2-D array in HU and a small dict of metadata; anything unusable raises `DicomError`, a
 ValueError whose message says why (the caller names the file).
 

@@ -33,7 +33,7 @@ TARGET = "target"  # 0 for context-only rows (a neighbour of a sampled slice, ne
 
 
 def split_table(work_dir: Path, split: str, include_augmented: bool) -> pd.DataFrame:
-    """Rows of one split: image_id, path (absolute PNG path, str), the LABELS columns,
+    """Rows of one split: image_id, path (absolute PNG path, str), the LABELS columns, study_id,
     series_id and position (for neighbouring slices) and target (1 = a training target).
 
     In: the work dir holding splits.csv and images.csv (and augmented.csv, whose rows are added
@@ -52,7 +52,9 @@ def split_table(work_dir: Path, split: str, include_augmented: bool) -> pd.DataF
             images[column] = empty
     if TARGET not in splits.columns:
         splits[TARGET] = 1
-    rows = splits.loc[splits["split"] == split, ["image_id", *LABELS, TARGET]]
+    if "study_id" not in splits.columns:
+        splits["study_id"] = ""
+    rows = splits.loc[splits["split"] == split, ["image_id", *LABELS, TARGET, "study_id"]]
     table = rows.merge(images[["image_id", "path", "series_id", "position"]], on="image_id", how="left")
     lost = table.loc[table["path"].isna(), "image_id"].tolist()
     if lost:
@@ -62,18 +64,20 @@ def split_table(work_dir: Path, split: str, include_augmented: bool) -> pd.DataF
         augmented = _read_csv(work_dir / AUGMENTED_CSV, "augment", ["image_id", "path", *LABELS])
         if len(augmented):  # header only when augmentation is off
             extra = augmented[["image_id", *LABELS, "path"]].assign(**{TARGET: 1, "series_id": "",
-                                                                       "position": np.nan})
+                                                                       "position": np.nan, "study_id": ""})
             table = pd.concat([table, extra], ignore_index=True)
     table["path"] = [str(work_dir / p) for p in table["path"]]
     table[[*LABELS, TARGET]] = table[[*LABELS, TARGET]].astype(np.int64)
-    table["series_id"] = table["series_id"].fillna("").astype(str)
-    return table[["image_id", "path", *LABELS, "series_id", "position", TARGET]].reset_index(drop=True)
+    for column in ("series_id", "study_id"):
+        table[column] = table[column].fillna("").astype(str)
+    return table[["image_id", "path", *LABELS, "study_id", "series_id", "position",
+                  TARGET]].reset_index(drop=True)
 
 
 def _read_csv(path: Path, step: str, columns: list[str]) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run `ich {step}` first")
-    table = pd.read_csv(path, dtype={"image_id": str, "path": str, "series_id": str})
+    table = pd.read_csv(path, dtype={"image_id": str, "path": str, "series_id": str, "study_id": str})
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise ValueError(f"{path}: missing columns {missing}; run `ich {step} --force` to rewrite it")

@@ -13,6 +13,7 @@ import logging
 from pathlib import Path
 from typing import Iterable, Iterator
 
+import cv2
 import numpy as np
 
 from ich.compute import is_machine_error, map_files
@@ -116,7 +117,5 @@ def decode_file(path: Path, windows: list[tuple[float, float]], size: int,
 
 
 def _init_worker() -> None:
-    import cv2
-
     # One thread per worker process: the pool already uses every core.
     cv2.setNumThreads(1)

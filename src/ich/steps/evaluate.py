@@ -6,7 +6,8 @@ run_dir/history/ and the config (evaluate.threshold_method, evaluate.report_exam
 predict.batch_size). Out, in run_dir/eval/ only: metrics.json (ich.evaluation.metrics'
 evaluate_all shape, plus the thresholds used and where they came from), predictions.csv
 (image_id and one probability column per label), test_labels.csv (image_id and the true 0/1
-labels), report.md with its plots.
+labels), studies.csv (per test study: its slices' maximum probability and label, and
+metrics.json's "studies" section from it), report.md with its plots.
 
 The thresholds are the run's (chosen on val when training ended, in cascade.json); when
 evaluate.threshold_method differs from the method they were chosen with, evaluate chooses its
@@ -24,12 +25,13 @@ import pandas as pd
 
 from ich.config import resolve_workers
 from ich.constants import (AUGMENTED_CSV, CASCADE_JSON, EVAL_DIR, HISTORY_DIR, LABELS, METRICS_JSON,
-                           PREDICTIONS_CSV, REPORT_MD, SPLITS, SPLITS_CSV)
+                           PREDICTIONS_CSV, REPORT_MD, SPLITS, SPLITS_CSV, STUDIES_CSV)
 from ich.data.labels import label_counts
 from ich.data.loading import load_split
 from ich.errors import StepError
 from ich.evaluation.inference import check_finite, load_cascade, predict_split, read_cascade_json
 from ich.evaluation.metrics import choose_threshold, evaluate_all
+from ich.evaluation.studies import aggregate_studies
 from ich.evaluation.report import fmt, pick_examples, write_report
 from ich.io import Timer, summary, write_csv, write_json
 from ich.stamps import Stamp, reason, record, record_path
@@ -37,6 +39,7 @@ from ich.stamps import Stamp, reason, record, record_path
 log = logging.getLogger("ich")
 
 TEST_LABELS_CSV = "test_labels.csv"
+TRUE_SUFFIX = "_true"  # studies.csv: the study's 0/1 label beside its probability
 
 
 def stamps(cfg: dict) -> list[Stamp]:
@@ -102,6 +105,11 @@ def run(cfg: dict, force: bool = False) -> Path:
     metrics = evaluate_all(test_true, test_prob, thresholds)
     metrics["thresholds"] = {"values": {k: float(v) for k, v in thresholds.items()},
                              "method": method, "source": source}
+    studies = study_results(test_table, test_prob)
+    if len(studies):
+        truth = studies[[f"{label}{TRUE_SUFFIX}" for label in LABELS]].to_numpy()
+        metrics["studies"] = evaluate_all(truth, studies[list(LABELS)].to_numpy(), thresholds)
+        write_csv(studies, eval_dir / STUDIES_CSV)
     ids = test_table["image_id"].astype(str)
     write_csv(pd.concat([ids, pd.DataFrame(test_prob, columns=list(LABELS))], axis=1),
               eval_dir / PREDICTIONS_CSV)
@@ -121,11 +129,22 @@ def run(cfg: dict, force: bool = False) -> Path:
     record(stamp)
 
     overall = metrics["overall"]
-    summary("evaluate", f"{len(test_table)} test images, AUC any "
-            f"{fmt(metrics['labels']['any']['roc_auc'])}, macro AUC {fmt(overall['macro_roc_auc'])}, "
+    study_auc = metrics.get("studies", {}).get("labels", {}).get("any", {}).get("roc_auc")
+    summary("evaluate", f"{len(test_table)} test images ({len(studies)} studies), AUC any "
+            f"{fmt(metrics['labels']['any']['roc_auc'])} (study {fmt(study_auc)}), macro AUC {fmt(overall['macro_roc_auc'])}, "
             f"RSNA log loss {overall['rsna_weighted_log_loss']:.4f}, report {eval_dir / REPORT_MD}",
             len(test_table), "images", timer)
     return metrics_path
+
+
+def study_results(table: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
+    """Per test study: study_id, n_slices, the six probabilities (max over its slices) and the
+    six labels (`<label>_true`: positive when any of its slices is)."""
+    frame = pd.DataFrame(probs, columns=list(LABELS))
+    frame["study_id"] = table["study_id"].to_numpy()
+    for label in LABELS:
+        frame[f"{label}{TRUE_SUFFIX}"] = table[label].to_numpy()
+    return aggregate_studies(frame, [*LABELS, *(f"{label}{TRUE_SUFFIX}" for label in LABELS)])
 
 
 def data_counts(work_dir: Path) -> dict[str, dict[str, int]]:

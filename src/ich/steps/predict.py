@@ -47,6 +47,7 @@ from ich.data.inputs import neighbour_rows
 from ich.data.sources import decode_all, display_names, find_inputs
 from ich.errors import StepError
 from ich.evaluation.inference import check_finite, load_cascade, read_cascade_json
+from ich.evaluation.studies import aggregate_studies
 from ich.io import Timer, progress, safe_cell, summary, write_csv, write_json
 
 JOURNAL_DIR = ".predict"   # resume state inside the output folder
@@ -286,12 +287,4 @@ def study_table(table, probs: np.ndarray):
     frame = pd.DataFrame(probs, columns=list(LABELS))
     frame["study_id"] = table["study_id"].to_numpy()
     frame["patient_id"] = table["patient_id"].to_numpy()
-    frame = frame[frame["study_id"] != ""]
-    columns = ["study_id", "patient_id", "n_slices", *LABELS]
-    if frame.empty:
-        return pd.DataFrame(columns=columns)
-    grouped = frame.groupby("study_id", sort=True)
-    out = grouped[list(LABELS)].max()
-    out.insert(0, "n_slices", grouped.size())
-    out.insert(0, "patient_id", grouped["patient_id"].first())
-    return out.reset_index()[columns]
+    return aggregate_studies(frame, LABELS, keep=["patient_id"])

@@ -198,6 +198,9 @@ def export(model, augmentation, best_path: Path, final_path: Path, rebuild) -> N
 
         clean = keras.models.clone_model(model, clone_function=lambda layer: layer,
                                          call_function=skip_augmentation)
+        # clone_model compiles the clone like the original, and a .keras file then names the
+        # backend's optimizer class (torch_adam), which other backends cannot import.
+        clean = keras.Model(clean.inputs, clean.outputs, name=clean.name)
     else:
         keras.mixed_precision.set_global_policy("float32")
         try:
