@@ -28,7 +28,7 @@ from ich.locks import LOCK_NAME
 from ich.steps import predict, preprocess
 from tiny_cascade import save_tiny_cascade
 
-TIMEOUT_S = 3
+TIMEOUT_S = 5   # roomy: a loaded machine must not turn a normal file into a timeout
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +82,11 @@ def test_preprocess_survives_a_crash_and_a_hang(source, tmp_path, monkeypatch, w
     assert set(pd.read_csv(work / FAILURES_CSV)["image_id"]) == set(truth["bad"])
 
 
-def _config_file(tmp_path: Path, work: Path, workers: int) -> Path:
+def _config_file(tmp_path: Path, work: Path, workers: int, timeout_s: float = TIMEOUT_S) -> Path:
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({"paths": {"work_dir": str(work)},
                                     "preprocess": {"image_size": 16, "workers": workers,
-                                                   "file_timeout_s": TIMEOUT_S}}))
+                                                   "file_timeout_s": timeout_s}}))
     return path
 
 
@@ -118,7 +118,9 @@ def test_killed_copy_temp_files_are_not_inputs(source, tmp_path):
 def test_second_preprocess_on_one_work_dir_stops_at_once(source, tmp_path):
     truth, good = source
     work = _work(tmp_path, truth)
-    cfg_path = _config_file(tmp_path, work, 1)
+    # The sleeping files take 2 s each: a roomy time limit, so that a loaded machine cannot
+    # turn them into timeouts.
+    cfg_path = _config_file(tmp_path, work, 1, timeout_s=60)
     cmd = [sys.executable, "-m", "ich.cli", "preprocess", "--config", str(cfg_path)]
     # A few slow files keep the first run busy for several seconds.
     env = {**os.environ, ENV: ",".join(f"decode:{i}=sleep" for i in good[:3])}
