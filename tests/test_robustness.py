@@ -28,7 +28,7 @@ from ich.locks import LOCK_NAME
 from ich.steps import predict, preprocess
 from tiny_cascade import save_tiny_cascade
 
-TIMEOUT_S = 3
+TIMEOUT_S = 5   # roomy: a loaded machine must not turn a normal file into a timeout
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +82,11 @@ def test_preprocess_survives_a_crash_and_a_hang(source, tmp_path, monkeypatch, w
     assert set(pd.read_csv(work / FAILURES_CSV)["image_id"]) == set(truth["bad"])
 
 
-def _config_file(tmp_path: Path, work: Path, workers: int) -> Path:
+def _config_file(tmp_path: Path, work: Path, workers: int, timeout_s: float = TIMEOUT_S) -> Path:
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump({"paths": {"work_dir": str(work)},
                                     "preprocess": {"image_size": 16, "workers": workers,
-                                                   "file_timeout_s": TIMEOUT_S}}))
+                                                   "file_timeout_s": timeout_s}}))
     return path
 
 
@@ -118,7 +118,9 @@ def test_killed_copy_temp_files_are_not_inputs(source, tmp_path):
 def test_second_preprocess_on_one_work_dir_stops_at_once(source, tmp_path):
     truth, good = source
     work = _work(tmp_path, truth)
-    cfg_path = _config_file(tmp_path, work, 1)
+    # The sleeping files take 2 s each: a roomy time limit, so that a loaded machine cannot
+    # turn them into timeouts.
+    cfg_path = _config_file(tmp_path, work, 1, timeout_s=60)
     cmd = [sys.executable, "-m", "ich.cli", "preprocess", "--config", str(cfg_path)]
     # A few slow files keep the first run busy for several seconds.
     env = {**os.environ, ENV: ",".join(f"decode:{i}=sleep" for i in good[:3])}
@@ -223,3 +225,31 @@ def test_predict_outputs_carry_no_patient_identifiers(source, run_dir, tmp_path)
                  "--set", "predict.workers=1", "--keep-patient-id"]) == 0
     studies = (keep / "studies.csv").read_text()
     assert "'=HYPERLINK" in studies and "\n=" not in studies and ",=" not in studies   # escaped
+
+
+def test_lock_names_holder_and_a_dead_holders_lock_is_taken_over(tmp_path):
+    from ich.locks import LockError, hold
+
+    folder = tmp_path / "work"
+    with hold(folder, "work directory"):
+        with hold(folder):                     # re-entrant in one process
+            pass
+        # Another process cannot take it while we hold it, and is told who does.
+        code = ("import sys; from ich.locks import hold\n"
+                f"with hold({str(folder)!r}, 'work directory'): pass\n")
+        other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+        assert other.returncode != 0 and f"pid {os.getpid()}" in other.stderr
+    # A holder killed with SIGKILL leaves its record behind; the next run takes the lock over.
+    holder = subprocess.Popen([sys.executable, "-c", code.replace("pass", "import time; time.sleep(600)")])
+    deadline = time.monotonic() + 60
+    while not (folder / LOCK_NAME).read_text().strip():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    with pytest.raises(LockError, match=f"pid {holder.pid} on host"):
+        with hold(folder):
+            pass
+    holder.kill()
+    holder.wait()
+    assert str(holder.pid) in (folder / LOCK_NAME).read_text()   # the record outlives it
+    with hold(folder):
+        assert str(os.getpid()) in (folder / LOCK_NAME).read_text()

@@ -133,9 +133,11 @@ def _cmd_run(args) -> int:
     last = STEPS.index(args.to_step)
     if first > last:
         raise StepError(f"--from {args.from_step} comes after --to {args.to_step}")
-    for name in STEPS[first:last + 1]:
-        # --force applies to the first step only; later steps see its new outputs as stale.
-        run_step(name, cfg, force=args.force and name == args.from_step)
+    # One lock for the whole run, so no other ich slips in between two steps (run_step's is re-entrant).
+    with hold(Path(cfg["paths"]["work_dir"]), "work directory"):
+        for name in STEPS[first:last + 1]:
+            # --force applies to the first step only; later steps see its new outputs as stale.
+            run_step(name, cfg, force=args.force and name == args.from_step)
     return 0
 
 

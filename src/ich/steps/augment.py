@@ -17,8 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, as_completed
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +25,7 @@ import pandas as pd
 
 from ich.data.labels import label_counts
 from ich.data.offline_augment import augment_copy, copy_seed, offline_pipeline, plan_copies
+from ich.compute import map_files
 from ich.config import resolve_workers
 from ich.errors import StepError
 from ich.data.png import read_png
@@ -171,15 +171,17 @@ def _make_copies(todo: pd.DataFrame, work: Path, sources: pd.Series, aug: dict, 
             bar.update(made)
             failures += failed
     else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=workers, mp_context=context,
-                                 initializer=_init_worker) as pool:
-            futures = [pool.submit(augment_task, task, aug, seed) for task in tasks]
-            for future in as_completed(futures):
-                made, failed = future.result()
-                written += made
-                bar.update(made)
-                failures += failed
+        # ich.compute: a worker that dies costs only its task's sources, listed as failures.
+        run_task = functools.partial(augment_task, aug=aug, seed=seed)
+        for result in map_files(run_task, tasks, workers, initializer=_init_worker):
+            if not result.ok:
+                failures += [(source, path, f"augmentation worker {result.failure}")
+                             for source, path, _ in result.item]
+                continue
+            made, failed = result.value
+            written += made
+            bar.update(made)
+            failures += failed
     bar.close()
     for source, path, why in failures[:_FAILURES_LOGGED]:
         log.warning("augment: %s (%s): %s", source, path, why)

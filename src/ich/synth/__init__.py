@@ -15,9 +15,7 @@ every file (atomically); files in stage_2_train/ that are not part of the set ar
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
-import multiprocessing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -204,12 +202,15 @@ def generate(out_dir: Path, patients: int, slices: int, seed: int, workers="auto
             rows.extend(r)
             bar.update(len(r))
     else:
-        ctx = multiprocessing.get_context("spawn")
-        with concurrent.futures.ProcessPoolExecutor(n_workers, mp_context=ctx,
-                                                    initializer=_init_worker) as pool:
-            for r in pool.map(_write_patient_task, tasks):
-                rows.extend(r)
-                bar.update(len(r))
+        from ich.compute import map_files
+
+        for result in map_files(_write_patient_task, tasks, n_workers, initializer=_init_worker,
+                                ordered=True):
+            if not result.ok:
+                raise StepError(f"synth: the worker writing patient {result.item[0].patient_id} "
+                                f"{result.failure}; run the same command again")
+            rows.extend(result.value)
+            bar.update(len(result.value))
     bar.close()
     csv_rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(patients, 2)))
     atomic_write_text(out_dir / LABELS_CSV, labels_csv_text(rows, csv_rng))
