@@ -67,7 +67,7 @@ def _cmd_synth(args) -> int:
     from ich.synth import generate
 
     generate(Path(args.out_dir), patients=args.patients, slices=args.slices, seed=args.seed,
-             workers=args.workers, size=args.size)
+             workers=args.workers, size=args.size, masks=args.masks)
     return 0
 
 
@@ -77,6 +77,15 @@ def _cmd_predict(args) -> int:
     overrides = list(args.set)
     cfg = config_mod.load(args.config, overrides) if args.config else config_mod.load(None, overrides)
     predict.predict_paths([Path(p) for p in args.paths], Path(args.model), Path(args.out), cfg)
+    return 0
+
+
+def _cmd_explain(args) -> int:
+    from ich.steps import explain
+
+    cfg = config_mod.load(args.config, list(args.set))
+    explain.explain_paths([Path(p) for p in args.paths], Path(args.model), Path(args.out), cfg,
+                          every_label=args.every_label)
     return 0
 
 
@@ -121,6 +130,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=512, help="image side in pixels (RSNA: 512)")
     p.add_argument("--workers", default="auto", help="processes; auto = all cores")
+    p.add_argument("--masks", action="store_true",
+                   help="also write OUT_DIR/masks/<image_id>.png: each slice's blood mask (bit i = SUBTYPES[i])")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("predict", help="predict DICOM files, folders of them, or PNGs")
@@ -129,6 +140,15 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder for predictions.csv, submission.csv, studies.csv")
     _add_config_args(p, required=False)
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("explain", help="Grad-CAM overlays for DICOM files, folders or PNGs")
+    p.add_argument("paths", nargs="+", help="DICOM or PNG files, or folders of them")
+    p.add_argument("--model", required=True, help="run directory holding the stages and cascade.json")
+    p.add_argument("--out", required=True, help="output folder for <image_id>_<label>.png and explanations.csv")
+    p.add_argument("--every-label", action="store_true",
+                   help="an overlay for all six labels, not only those at or above their threshold")
+    _add_config_args(p, required=False)
+    p.set_defaults(func=_cmd_explain)
     return parser
 
 

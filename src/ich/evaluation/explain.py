@@ -58,7 +58,8 @@ def gradcam(model, images, column: int = 0, batch_size: int = 16) -> np.ndarray:
     x_all = _to_float(images)
     features = feature_tensors(model)
     from_input = len(features) == 1 and any(features[0] is t for t in model.inputs)
-    feature_model = None if from_input else keras.Model(model.inputs, features)
+    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+    feature_model = None if from_input else keras.Model(inputs, features)
     out = np.zeros(x_all.shape[:3], dtype=np.float32)
     for start in range(0, len(x_all), batch_size):
         x = x_all[start:start + batch_size]
