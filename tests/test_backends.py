@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from backend_check import BATCH, fixed_images, train_tiny_cascade
-from ich.evaluation.inference import combine, load_cascade
+from backend_check import BATCH, cascade_probs, fixed_images, train_tiny_cascade
+from ich.evaluation.inference import load_cascade
 
 SCRIPT = Path(__file__).with_name("backend_check.py")
 
@@ -37,7 +37,7 @@ def torch_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("torch_run")
     stage1, stage2 = train_tiny_cascade(run_dir)
     x = fixed_images().astype("float32") / 255
-    in_memory = combine(np.asarray(stage1.predict(x, verbose=0))[:, 0],
+    in_memory = cascade_probs(np.asarray(stage1.predict(x, verbose=0))[:, 0],
                         np.asarray(stage2.predict(x, verbose=0)))
     loaded = load_cascade(run_dir).predict(fixed_images(), batch_size=BATCH)
     return run_dir, in_memory, loaded

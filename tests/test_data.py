@@ -1,7 +1,6 @@
 """Data loading: split tables, PNG decoding, the packed cache, Batches, label weights."""
 
 import math
-import os
 from pathlib import Path
 
 import cv2
@@ -30,7 +29,9 @@ def add_augmented(work: Path) -> None:
 def test_split_table_joins_paths_and_adds_augmented_rows_to_train_only(work):
     add_augmented(work)
     train = loading.split_table(work, "train", include_augmented=True)
-    assert list(train.columns) == ["image_id", "path", *LABELS]
+    assert list(train.columns) == ["image_id", "path", *LABELS, "study_id", "series_id",
+                                   "position", "target"]
+    assert train["target"].tolist() == [1] * 7
     assert train["image_id"].tolist() == ["ID_a", "ID_b", "ID_c", "ID_d", "ID_e", "ID_f", "ID_a__aug1"]
     assert all(Path(p).is_absolute() and Path(p).is_file() for p in train["path"])
     assert train.loc[6, "path"] == str(work / "augmented/ID_a__aug1.png")
@@ -75,8 +76,6 @@ def test_packed_cache_is_built_reused_and_rebuilt(work):
     assert not images.flags.writeable
     np.testing.assert_array_equal(images, loading.load_array(table["path"].tolist(), SIZE, 1))
     npy = work / "packed" / f"train_{SIZE}.npy"
-    ids = work / "packed" / f"train_{SIZE}.ids.txt"
-    assert ids.read_text().split() == table["image_id"].tolist()
     built = npy.stat().st_mtime_ns
 
     loading.packed(work, "train", table, SIZE)                     # same ids: reused
@@ -84,17 +83,50 @@ def test_packed_cache_is_built_reused_and_rebuilt(work):
 
     fewer = table.iloc[1:].reset_index(drop=True)               # other ids: rebuilt
     again = loading.packed(work, "train", fewer, SIZE)
-    assert again.shape[0] == 5 and ids.read_text().split() == fewer["image_id"].tolist()
+    assert again.shape[0] == 5
     np.testing.assert_array_equal(again[0], image_for("ID_b"))
-
-    hour_ago = npy.stat().st_mtime_ns - 3600 * 10**9           # a PNG rewritten after packing
-    os.utime(npy, ns=(hour_ago, hour_ago))
-    loading.packed(work, "train", fewer, SIZE)
     rebuilt = npy.stat().st_mtime_ns
-    assert rebuilt > hour_ago
+    assert rebuilt > built
+
+    # A rerun of preprocess (its record rewritten) means new PNGs: rebuilt again.
+    record = work / ".done" / "preprocess.json"
+    record.parent.mkdir(exist_ok=True)
+    record.write_text('{"finished": "later"}')
     loading.packed(work, "train", fewer, SIZE)
-    assert npy.stat().st_mtime_ns == rebuilt
+    assert npy.stat().st_mtime_ns > rebuilt
+    again = npy.stat().st_mtime_ns
+    loading.packed(work, "train", fewer, SIZE)
+    assert npy.stat().st_mtime_ns == again
     assert not list((work / "packed").glob(".*tmp*"))
+
+
+def test_batches_gather_neighbouring_slices_into_channels():
+    from ich.data.inputs import InputSpec
+
+    # Five slices of one series given out of order; each slice's pixels hold its rank.
+    positions = [20.0, 0.0, 10.0, 40.0, 30.0]
+    rank = np.argsort(np.argsort(positions))
+    images = np.zeros((5, 2, 2, 3), np.uint8)
+    for i, r in enumerate(rank):
+        images[i] = [10 * r, 10 * r + 1, 10 * r + 2]
+    spec = InputSpec(image_size=2, windows={"a": (0, 1), "b": (0, 1), "c": (0, 1)},
+                     channels=("a", "b", "c"), offsets=(-1, 0, 1))
+    from ich.data.inputs import neighbour_rows
+    neighbours = neighbour_rows(["S"] * 5, positions, spec.offsets)
+    batches = loading.Batches(images, np.zeros(5), 5, shuffle=False, seed=0, neighbours=neighbours,
+                              spec=spec)
+    x, _ = batches[0]
+    assert x.shape == (5, 2, 2, 9)
+    got = np.rint(x[:, 0, 0] * 255).astype(int)
+    # The slice at position 0 (row 1, rank 0): the edge repeats below it.
+    np.testing.assert_array_equal(got[1], [0, 1, 2, 0, 1, 2, 10, 11, 12])
+    # Row 0 (rank 2): ranks 1, 2, 3, all three windows of each.
+    np.testing.assert_array_equal(got[0], [10, 11, 12, 20, 21, 22, 30, 31, 32])
+    one = InputSpec(image_size=2, windows=spec.windows, channels=spec.channels, offsets=(-1, 0, 1),
+                    slice_channels="b")
+    x, _ = loading.Batches(images, np.zeros(5), 5, shuffle=False, seed=0, neighbours=neighbours,
+                           spec=one)[0]
+    np.testing.assert_array_equal(np.rint(x[0, 0, 0] * 255), [11, 21, 31])
 
 
 def test_batches_shapes_range_len_and_last_partial_batch():
@@ -164,16 +196,3 @@ def test_batches_feed_keras_fit():
     assert len(history.history["loss"]) == 2
     # Keras calls on_epoch_end after each epoch (and once more when fit starts): reshuffled.
     assert batches.epoch >= 2
-
-
-def test_positive_weights_hand_computed():
-    labels = np.array([[1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 1, 0]])
-    # column 0: 3 neg / 1 pos = 3 -> capped at 2.5; column 1: 2/2 = 1; column 2: no positives.
-    np.testing.assert_allclose(loading.positive_weights(labels, cap=2.5), [2.5, 1.0, 2.5])
-    assert loading.positive_weights(labels, cap=2.5).dtype == np.float32
-
-
-def test_class_weights_balanced_hand_computed():
-    weights = loading.class_weights(np.array([[1], [0], [0], [0]]))
-    assert weights == pytest.approx({0: 4 / 6, 1: 2.0})
-    assert loading.class_weights(np.zeros(3)) == pytest.approx({0: 0.5, 1: 1.0})

@@ -39,7 +39,7 @@ def make_work_dir(root, n_per_split=(6, 20, 24), seed=0):
             path = f"{PNG_DIR}/{image_id}.png"
             cv2.imwrite(str(work / path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             split_rows.append({"image_id": image_id, "split": split, "patient_id": f"P{i // 3}_{split}",
-                               **dict(zip(LABELS, y[i]))})
+                               "study_id": f"S{i // 3}_{split}", **dict(zip(LABELS, y[i]))})
             image_rows.append({"image_id": image_id, "patient_id": f"P{i // 3}_{split}", "path": path})
     pd.DataFrame(split_rows).to_csv(work / SPLITS_CSV, index=False)
     pd.DataFrame(image_rows).to_csv(work / IMAGES_CSV, index=False)
@@ -74,13 +74,10 @@ def test_evaluate_writes_metrics_thresholds_and_report(setup):
     assert path == eval_dir / METRICS_JSON
     metrics = json.loads(path.read_text())
 
-    # Thresholds: Youden on val, stored in cascade.json with every other key kept.
-    _, val_true, val_prob = _truth_and_expected(work, "val")
+    # Thresholds: the run's own (cascade.json, chosen by the same method), which stays untouched.
     cascade = json.loads((run / CASCADE_JSON).read_text())
-    for j, label in enumerate(LABELS):
-        assert cascade["thresholds"][label] == pytest.approx(
-            choose_threshold(val_true[:, j], val_prob[:, j], "youden"), abs=1e-5)
-    assert cascade["extra_key"] == "kept" and cascade["threshold_method"] == "youden"
+    assert metrics["thresholds"]["values"] == cascade["thresholds"]
+    assert metrics["thresholds"]["method"] == "youden" and "the run" in metrics["thresholds"]["source"]
 
     # Predictions: image_id + six probabilities exactly, equal to the hand-computed cascade.
     test_part, test_true, test_prob = _truth_and_expected(work, "test")
@@ -104,6 +101,47 @@ def test_evaluate_writes_metrics_thresholds_and_report(setup):
     assert all((eval_dir / link).is_file() for link in links)
     assert f"| any | {metrics['labels']['any']['roc_auc']:.3f} |" in report
     assert "Research use only" in report
+
+
+def test_study_level_is_the_max_over_slices_and_agrees_with_scikit_learn(setup):
+    from sklearn.metrics import roc_auc_score
+
+    cfg, work, run = setup
+    metrics = json.loads(evaluate.run(cfg).read_text())
+    studies = pd.read_csv(run / EVAL_DIR / "studies.csv")
+    test_part, test_true, test_prob = _truth_and_expected(work, "test")
+    groups = test_part.assign(**{f"p_{l}": test_prob[:, j] for j, l in enumerate(LABELS)}).groupby("study_id")
+    assert studies["study_id"].tolist() == sorted(groups.groups)
+    assert studies["n_slices"].tolist() == groups.size().tolist()
+    np.testing.assert_allclose(studies["any"], groups["p_any"].max(), atol=1e-5)
+    assert studies["any_true"].tolist() == groups["any"].max().tolist()
+    assert metrics["studies"]["overall"]["n_images"] == len(studies)
+    # Every test study here has a bleed (AUC undefined: None); epidural has both classes.
+    assert metrics["studies"]["labels"]["any"]["roc_auc"] is None
+    assert 0 < studies["epidural_true"].sum() < len(studies)
+    assert metrics["studies"]["labels"]["epidural"]["roc_auc"] == pytest.approx(
+        roc_auc_score(studies["epidural_true"], studies["epidural"]))
+
+
+def test_other_threshold_method_is_chosen_on_val_and_leaves_the_run_alone(setup, caplog):
+    cfg, work, run = setup
+    before = (run / CASCADE_JSON).read_bytes()
+    evaluate.run(cfg)
+    f1 = config.load(None, [f"paths.work_dir={work}", f"paths.run_dir={run}", "data.workers=1",
+                            "predict.batch_size=8", "evaluate.report_examples=4",
+                            "evaluate.threshold_method=f1"])
+    with caplog.at_level("INFO", logger="ich"):
+        path = evaluate.run(f1)  # recomputed: its settings changed
+    assert "settings changed: evaluate.threshold_method" in caplog.text
+    metrics = json.loads(path.read_text())
+    _, val_true, val_prob = _truth_and_expected(work, "val")
+    for j, label in enumerate(LABELS):
+        assert metrics["thresholds"]["values"][label] == pytest.approx(
+            choose_threshold(val_true[:, j], val_prob[:, j], "f1"), abs=1e-5)
+    assert metrics["thresholds"]["method"] == "f1"
+    assert (run / CASCADE_JSON).read_bytes() == before
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        ["cascade.json", "stage1.keras", "stage2.keras", "history", "eval", ".done"])
 
 
 def test_evaluate_skips_when_complete_and_force_redoes(setup):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from ich.constants import CASCADE_JSON, LABELS, STAGE2_MODEL
-from ich.evaluation.inference import combine, load_cascade, n_batches
+from ich.evaluation.inference import load_cascade, n_batches
 from tiny_cascade import expected_probs, red_images, save_tiny_cascade
 
 
@@ -15,10 +15,27 @@ def run_dir(tmp_path_factory):
     return save_tiny_cascade(tmp_path_factory.mktemp("run"), image_size=16)
 
 
-def test_combine_multiplies_subtypes_by_any():
-    out = combine(np.array([0.5, 0.1]), np.array([[1.0, 0.5, 0.2, 0.0, 0.9]] * 2))
-    np.testing.assert_allclose(out[0], [0.5, 0.5, 0.25, 0.1, 0.0, 0.45])
-    np.testing.assert_allclose(out[1], [0.1, 0.1, 0.05, 0.02, 0.0, 0.09], rtol=1e-6)
+def test_conditional_stage_is_multiplied_by_its_given_label(run_dir):
+    class Constant:  # a stage model that predicts fixed probabilities
+        def __init__(self, values):
+            self.values = np.asarray(values, dtype=np.float32)
+
+        def predict_on_batch(self, x):
+            return np.tile(self.values, (len(x), 1))
+
+    cascade = load_cascade(run_dir)
+    cascade.models = {"stage1": Constant([0.5]), "stage2": Constant([1.0, 0.5, 0.2, 0.0, 0.9])}
+    out = cascade.predict_inputs(np.zeros((2, 16, 16, 3), np.float32))
+    np.testing.assert_allclose(out, [[0.5, 0.5, 0.25, 0.1, 0.0, 0.45]] * 2, rtol=1e-6)
+
+
+def test_stage_conditional_on_a_later_label_is_rejected(tmp_path):
+    run = save_tiny_cascade(tmp_path / "run")
+    meta = json.loads((run / CASCADE_JSON).read_text())
+    meta["stages"].reverse()
+    (run / CASCADE_JSON).write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="no earlier stage"):
+        load_cascade(run)
 
 
 def test_predict_matches_hand_computed(run_dir):
@@ -44,7 +61,7 @@ def test_predict_empty_and_bad_input(run_dir):
     assert cascade.predict(np.zeros((0, 16, 16, 3), np.uint8)).shape == (0, 6)
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         cascade.predict(np.full((1, 16, 16, 3), 255.0, np.float32))
-    with pytest.raises(ValueError, match="RGB"):
+    with pytest.raises(ValueError, match=r"\(N, S, S, 3\)"):
         cascade.predict(np.zeros((2, 16, 16), np.uint8))
 
 

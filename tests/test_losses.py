@@ -55,3 +55,20 @@ def test_bad_weights_and_label_count():
         weighted_bce([1.0, -1.0])
     with pytest.raises(ValueError, match="3 positive weights"):
         value(weighted_bce([1.0, 1.0, 1.0]), [[1, 0]], [[0.5, 0.5]])
+
+
+def test_positive_weights_hand_computed():
+    from ich.training.stages import positive_weights
+
+    labels = np.array([[1, 0, 0], [0, 0, 0], [0, 1, 0], [0, 1, 0]])
+    # column 0: 3 neg / 1 pos = 3 -> capped at 2.5; column 1: 2/2 = 1; column 2: no positives.
+    np.testing.assert_allclose(positive_weights(labels, cap=2.5), [2.5, 1.0, 2.5])
+    assert positive_weights(labels, cap=2.5).dtype == np.float32
+
+
+def test_class_weights_balanced_hand_computed():
+    from ich.training.stages import class_weights
+
+    weights = class_weights(np.array([[1], [0], [0], [0]]))
+    assert weights == pytest.approx({0: 4 / 6, 1: 2.0})
+    assert class_weights(np.zeros(3)) is None

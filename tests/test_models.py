@@ -167,3 +167,43 @@ def test_token_embedding_adds_table_and_round_trips():
     np.testing.assert_allclose(out, np.broadcast_to(1 + table, out.shape), rtol=1e-6)
     clone = TokenEmbedding.from_config(layer.get_config())
     assert clone.name == layer.name
+
+
+def test_nine_channel_backbone_loads_rgb_weights_with_the_stem_spread(tmp_path):
+    """Three neighbouring slices x three windows = 9 channels: RGB (ImageNet-shaped) weights
+    still load, the stem kernel spread over the channels, so an input that repeats an RGB
+    image gives the 9-channel backbone the RGB backbone's output."""
+    from ich.models.backbones import BACKBONES, build_backbone, spread_stem
+
+    for name in ("EfficientNetV2B0", "ConvNeXtTiny"):
+        rgb = BACKBONES[name](include_top=False, weights=None, input_shape=(32, 32, 3))
+        path = tmp_path / f"{name}.weights.h5"
+        rgb.save_weights(path)
+        three = build_backbone(name, (32, 32, 3), weights=str(path))
+        nine = build_backbone(name, (32, 32, 9), weights=str(path))
+        x = np.random.default_rng(0).random((2, 32, 32, 3), dtype=np.float32)
+        np.testing.assert_allclose(nine.predict(np.tile(x, (1, 1, 1, 3)), verbose=0),
+                                   three.predict(x, verbose=0), rtol=1e-3, atol=1e-4)
+    kernel = np.arange(2 * 2 * 3 * 1, dtype=np.float32).reshape(2, 2, 3, 1)
+    spread = spread_stem(kernel, 4)
+    assert spread.shape == (2, 2, 4, 1)
+    np.testing.assert_allclose(spread[:, :, 3], kernel[:, :, 0] * 0.75)
+
+
+def test_stage_models_take_the_channels_of_the_input_description():
+    from ich import config
+    from ich.data.inputs import InputSpec
+    from ich.training.stages import STAGES
+
+    cfg = config.load(None, ["model.image_size=32", "model.fusion_dim=16", "model.attention_heads=2",
+                             "input.offsets=[-1, 0, 1]", "input.slice_channels=brain"])
+    spec = InputSpec.from_config(cfg)
+    assert spec.n_channels == 3 and spec.shape == (32, 32, 3)
+    cfg["input"]["slice_channels"] = "all"
+    spec = InputSpec.from_config(cfg)
+    assert spec.n_channels == 9
+    for stage in STAGES.values():
+        model = stage.build(cfg, spec, None)
+        assert tuple(model.input_shape) == (None, 32, 32, 9)
+        out = model.predict(np.zeros((1, 32, 32, 9), np.float32), verbose=0)
+        assert out.shape == (1, len(stage.labels))

@@ -1,5 +1,5 @@
-"""Step train end to end on a tiny work dir (32 px PNGs): files, exported models, skip logic,
-config guard, clear errors. Helpers here are shared with test_train_resume.py."""
+"""Step train end to end on a tiny work dir (32 px PNGs): files, exported models, the staleness
+rule, clear errors. Helpers here are shared with test_train_resume.py."""
 
 import csv
 import json
@@ -11,7 +11,7 @@ import pytest
 import keras
 
 from ich import config
-from ich.cli import StepError
+from ich.errors import StepError
 from ich.constants import (CASCADE_JSON, IMAGES_CSV, LABELS, SPLITS_CSV, STAGE1_MODEL, STAGE2_MODEL,
                            SUBTYPES)
 
@@ -83,13 +83,22 @@ def test_writes_models_cascade_and_logs(trained):
     cfg, run_dir, path = trained
     assert path == run_dir / CASCADE_JSON
     cascade = json.loads(path.read_text())
-    assert cascade["labels"] == list(LABELS) and cascade["subtypes"] == list(SUBTYPES)
-    assert cascade["image_size"] == SIZE and cascade["channels"] == ["blood", "brain", "bone"]
-    assert cascade["stage1"] == {"file": STAGE1_MODEL, "backbone": "EfficientNetV2B0"}
-    assert cascade["stage2"]["backbones"] == ["EfficientNetV2B0", "ConvNeXtTiny"]
-    assert cascade["thresholds"] == dict.fromkeys(LABELS, 0.5)
+    assert cascade["labels"] == list(LABELS)
+    assert cascade["input"] == {"image_size": SIZE, "channels": ["blood", "brain", "bone"],
+                                "windows": {"blood": [80.0, 200.0], "brain": [40.0, 80.0],
+                                            "bone": [600.0, 2800.0]},
+                                "offsets": [0], "slice_channels": "all"}
+    stages = {s["name"]: s for s in cascade["stages"]}
+    assert stages["stage1"] == {"name": "stage1", "file": STAGE1_MODEL, "labels": ["any"],
+                                "given": None, "backbones": ["EfficientNetV2B0"]}
+    assert stages["stage2"]["backbones"] == ["EfficientNetV2B0", "ConvNeXtTiny"]
+    assert stages["stage2"]["given"] == "any" and stages["stage2"]["labels"] == list(SUBTYPES)
+    # Thresholds chosen on val when training ended (Youden's J by default), not left at 0.5.
+    assert cascade["threshold_method"] == "youden"
+    assert set(cascade["thresholds"]) == set(LABELS)
+    assert all(0.0 <= t <= 1.0 for t in cascade["thresholds"].values())
     assert cascade["backend"] == "torch" and "torch" in cascade["versions"]
-    assert cascade["mixed_precision"] is False and cascade["windows"]["blood"] == [80, 200]
+    assert cascade["mixed_precision"] is False
     assert (run_dir / "config.yaml").is_file()
     assert config.load(run_dir / "config.yaml")["model"]["image_size"] == SIZE
     for stage in ("stage1", "stage2"):
@@ -123,35 +132,67 @@ def test_saved_models_are_clean_float32_and_predict(trained):
     np.testing.assert_array_equal(found[0], kernel)
 
 
-def test_second_run_skips_and_keeps_evaluated_thresholds(trained, caplog):
+def test_reruns_exactly_what_changed(trained, caplog):
+    """An unchanged rerun skips; another threshold method re-chooses only the thresholds; a
+    stage-2-only setting retrains stage 2 and keeps stage 1."""
     from ich.steps import train
 
     cfg, run_dir, path = trained
-    cascade = json.loads(path.read_text())
-    cascade["thresholds"]["any"] = 0.31  # as evaluate would
-    path.write_text(json.dumps(cascade))
-    stamp = (run_dir / STAGE2_MODEL).stat().st_mtime_ns
+    times = {name: (run_dir / name).stat().st_mtime_ns for name in (STAGE1_MODEL, STAGE2_MODEL)}
+    before = json.loads(path.read_text())
     with caplog.at_level("INFO", logger="ich"):
         assert train.run(cfg) == path
-    assert "stage2 skipped" in caplog.text
-    assert json.loads(path.read_text())["thresholds"]["any"] == 0.31
-    assert (run_dir / STAGE2_MODEL).stat().st_mtime_ns == stamp
+    assert "stage1 is up to date" in caplog.text and "stage2 is up to date" in caplog.text
+    assert json.loads(path.read_text()) == before
+    assert {n: (run_dir / n).stat().st_mtime_ns for n in times} == times
+
+    caplog.clear()
+    f1 = config.load(run_dir / "config.yaml", ["evaluate.threshold_method=f1"])
+    with caplog.at_level("INFO", logger="ich"):
+        train.run(f1)
+    assert "settings changed: threshold_method" in caplog.text
+    assert json.loads(path.read_text())["threshold_method"] == "f1"
+    assert {n: (run_dir / n).stat().st_mtime_ns for n in times} == times
+
+    caplog.clear()
+    wider = config.load(run_dir / "config.yaml", ["evaluate.threshold_method=f1", "model.fusion_dim=32"])
+    with caplog.at_level("INFO", logger="ich"):
+        train.run(wider)
+    assert "training stage2 (settings changed: fusion_dim)" in caplog.text
+    assert "stage1 is up to date" in caplog.text
+    assert (run_dir / STAGE1_MODEL).stat().st_mtime_ns == times[STAGE1_MODEL]
+    assert (run_dir / STAGE2_MODEL).stat().st_mtime_ns > times[STAGE2_MODEL]
 
 
-def test_changed_model_settings_refuse_to_resume(tmp_path):
-    from ich.steps.train import _guard_config
+def test_stage_stamps_name_the_setting_and_input_that_changed(tmp_path):
+    from ich.stamps import reason, record
+    from ich.steps.train import stage_stamp
+    from ich.training.stages import STAGES
 
+    make_work(tmp_path / "work")
     cfg = tiny_cfg(tmp_path)
-    _guard_config(cfg, "stage1", tmp_path)
-    cfg["train"]["finetune_epochs"] = 9  # may change between a kill and the resume
-    _guard_config(cfg, "stage1", tmp_path)
-    cfg["model"]["image_size"] = 64
-    with pytest.raises(StepError, match="model.image_size"):
-        _guard_config(cfg, "stage1", tmp_path)
+    (tmp_path / "run").mkdir()
+    for stage in STAGES.values():
+        (tmp_path / "run" / stage.file).write_text("model")
+        record(stage_stamp(cfg, stage))
+        assert reason(stage_stamp(cfg, stage)) is None
+    lr = tiny_cfg(tmp_path, **{"train.finetune_lr": 0.01})
+    assert reason(stage_stamp(lr, STAGES["stage1"])) == "settings changed: train.finetune_lr"
+    backbone = tiny_cfg(tmp_path, **{"model.stage1_backbone": "EfficientNetV2B1"})
+    assert reason(stage_stamp(backbone, STAGES["stage1"])) == "settings changed: backbone"
+    assert reason(stage_stamp(backbone, STAGES["stage2"])) is None
+    (tmp_path / "run" / STAGE1_MODEL).write_text("retrained")   # stage 2 starts from stage 1
+    assert reason(stage_stamp(cfg, STAGES["stage2"])) == "input changed: stage1.keras"
+    with (tmp_path / "work" / SPLITS_CSV).open("a") as f:
+        f.write("ID_new,train,P99,0,0,0,0,0,0\n")
+    assert "input changed: " in reason(stage_stamp(cfg, STAGES["stage1"]))
+    assert "splits.csv" in reason(stage_stamp(cfg, STAGES["stage1"]))
 
 
 def test_val_split_without_positives_is_a_clear_error(tmp_path):
+    from ich.data.inputs import InputSpec
     from ich.steps.train import stage_data
+    from ich.training.stages import STAGES
 
     work = make_work(tmp_path / "work")
     with (work / SPLITS_CSV).open() as f:
@@ -161,27 +202,32 @@ def test_val_split_without_positives_is_a_clear_error(tmp_path):
             row.update(dict.fromkeys(LABELS, 0))
     write(work / SPLITS_CSV, rows)
     with pytest.raises(StepError, match="val split has no images positive for any"):
-        stage_data(tiny_cfg(tmp_path), "stage2", seed=0)
+        cfg = tiny_cfg(tmp_path)
+        stage_data(cfg, STAGES["stage2"], InputSpec.from_config(cfg))
 
 
 def test_export_of_a_mixed_precision_model_is_float32(tmp_path):
     """GPU runs train under mixed_float16; the saved model must be plain float32 for CPU use."""
     import ich.models  # noqa: F401
+    from ich.data.inputs import InputSpec
     from ich.models.online_augment import online_augmentation
     from ich.training.callbacks import BestModel
-    from ich.steps.train import _export, build_model
+    from ich.training.stages import STAGES
+    from ich.training.trainer import export
 
     cfg = tiny_cfg(tmp_path)
+    spec = InputSpec.from_config(cfg)
+    stage = STAGES["stage1"]
     keras.mixed_precision.set_global_policy("mixed_float16")
     try:
         augmentation = online_augmentation(cfg["online_augment"], 0)
-        model = build_model(cfg, "stage1", augmentation)
+        model = stage.build(cfg, spec, augmentation)
         assert model.get_layer("backbone_EfficientNetV2B0").dtype_policy.name == "mixed_float16"
         best = tmp_path / "best.weights.h5"
         saver = BestModel(best)
         saver.set_model(model)
         saver.on_epoch_end(0, {"val_auc": 0.5})
-        _export(cfg, "stage1", model, augmentation, best, tmp_path / STAGE1_MODEL)
+        export(model, augmentation, best, tmp_path / STAGE1_MODEL, lambda: stage.build(cfg, spec, None))
     finally:
         keras.mixed_precision.set_global_policy("float32")
     loaded = keras.saving.load_model(tmp_path / STAGE1_MODEL, compile=False)
@@ -193,11 +239,11 @@ def test_export_of_a_mixed_precision_model_is_float32(tmp_path):
 
 def test_steps_per_epoch_cap_takes_a_fresh_random_subset_each_epoch():
     from ich.data.loading import Batches
-    from ich.steps.train import _cap_epoch
+    from ich.training.trainer import EpochCap
 
     images = np.arange(40, dtype=np.uint8).reshape(40, 1, 1, 1).repeat(3, axis=-1)
     inner = Batches(images, np.zeros((40, 1), "float32"), batch_size=4, shuffle=True, seed=0)
-    capped = _cap_epoch(inner, 3)
+    capped = EpochCap(inner, 3)
     assert len(capped) == 3
     first = [tuple(capped[i][0][:, 0, 0, 0]) for i in range(3)]
     capped.on_epoch_end()
@@ -206,33 +252,11 @@ def test_steps_per_epoch_cap_takes_a_fresh_random_subset_each_epoch():
 
 
 def test_phase_epochs_stage2_override():
-    from ich.steps.train import phase_epochs
+    from ich.training.stages import STAGES, phase_epochs
 
-    train = config.load(None, ["train.frozen_epochs=1", "train.finetune_epochs=8"])["train"]
-    assert [phase_epochs(train, s, p) for s in ("stage1", "stage2") for p in ("frozen", "finetune")] == [1, 8, 1, 8]
-    train["stage2_finetune_epochs"] = 3
-    assert phase_epochs(train, "stage1", "finetune") == 8
-    assert phase_epochs(train, "stage2", "finetune") == 3
-
-
-def test_models_older_than_their_data_are_stale(tmp_path):
-    import os
-
-    from ich.steps.train import stale_stages
-
-    cfg = config.load(None, [f"paths.work_dir={tmp_path / 'work'}", f"paths.run_dir={tmp_path / 'run'}"])
-    (tmp_path / "work").mkdir()
-    (tmp_path / "run").mkdir()
-    splits, stage1, stage2 = (tmp_path / "work" / SPLITS_CSV, tmp_path / "run" / STAGE1_MODEL,
-                              tmp_path / "run" / STAGE2_MODEL)
-    for path, mtime in ((splits, 100), (stage1, 200), (stage2, 300)):
-        path.write_text("x")
-        os.utime(path, (mtime, mtime))
-    assert stale_stages(cfg, tmp_path / "run") == []
-    os.utime(splits, (250, 250))  # re-split after stage 1 was trained
-    assert stale_stages(cfg, tmp_path / "run") == ["stage1", "stage2"]
-    os.utime(splits, (100, 100))
-    os.utime(stage1, (400, 400))  # stage 1 retrained: stage 2 started from the old one
-    assert stale_stages(cfg, tmp_path / "run") == ["stage2"]
-    cfg["model"]["stage2_from_stage1"] = False
-    assert stale_stages(cfg, tmp_path / "run") == []
+    cfg = config.load(None, ["train.frozen_epochs=1", "train.finetune_epochs=8"])
+    assert [phase_epochs(cfg, STAGES[s], p) for s in ("stage1", "stage2")
+            for p in ("frozen", "finetune")] == [1, 8, 1, 8]
+    cfg["train"]["stage2_finetune_epochs"] = 3
+    assert phase_epochs(cfg, STAGES["stage1"], "finetune") == 8
+    assert phase_epochs(cfg, STAGES["stage2"], "finetune") == 3

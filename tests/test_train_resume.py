@@ -3,6 +3,7 @@ the epoch after its last backup, and the history holds each epoch once (torch ba
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,3 +96,38 @@ def test_sigkill_in_each_phase_resumes_at_the_last_finished_epoch(tmp_path):
     assert (run_dir / STAGE1_MODEL).is_file()
     assert (run_dir / "backup" / "stage1_finetune.done.json").is_file()
     assert not (run_dir / "backup" / "stage1_finetune").exists()  # backup removed when done
+
+
+def test_killed_run_resplit_starts_the_stage_fresh(tmp_path):
+    """Killed mid-phase, then the split changes (another seed): resuming would keep a "best"
+    model chosen on patients that may now be test patients, so the stage starts over and the
+    log says why."""
+    import csv
+
+    work = make_work(tmp_path / "work")
+    cfg = tiny_cfg(tmp_path, **{"train.finetune_epochs": 4, "train.stages": ["stage1"]})
+    cfg_path = config.save(cfg, tmp_path / "cfg.yaml")
+    run_dir = Path(cfg["paths"]["run_dir"])
+    cmd = [str(Path(sys.executable).with_name("ich")), "train", "--config", str(cfg_path)]
+    env = dict(os.environ, KERAS_BACKEND="torch")
+    run_until_killed(cmd, env, lambda: epochs_backed_up(run_dir, "finetune") >= 1, "fine-tune epoch 1")
+    assert (run_dir / "checkpoints" / "stage1_best.weights.h5").is_file()
+
+    # Re-split: swap one train and one val patient.
+    splits = work / "splits.csv"
+    with splits.open() as f:
+        rows = list(csv.DictReader(f))
+    first_val = next(r for r in rows if r["split"] == "val")
+    rows[0]["split"], first_val["split"] = "val", "train"
+    with splits.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert "the interrupted run was made with other settings or data" in done.stderr, done.stderr[-3000:]
+    assert re.search(r"input changed: \S*work/splits\.csv", done.stderr), done.stderr[-3000:]
+    assert "starting the stage fresh" in done.stderr
+    assert "resumes at epoch" not in done.stderr
+    assert [int(r["epoch"]) for r in history(run_dir, "stage1_finetune")] == [0, 1, 2, 3]
+    assert (run_dir / STAGE1_MODEL).is_file()

@@ -14,7 +14,7 @@ import importlib.util
 import os
 import sys
 
-VALID = ("torch", "jax", "tensorflow")
+from ich.constants import BACKENDS
 DEFAULT = "torch"
 # Distribution that provides each backend (for versions and install hints).
 PACKAGE = {"torch": "torch", "jax": "jax", "tensorflow": "tensorflow"}
@@ -31,8 +31,8 @@ def select_backend(name: str = "auto") -> str:
     if name == "auto":
         loaded = sys.modules.get("keras")
         name = loaded.backend.backend() if loaded else os.environ.get("KERAS_BACKEND") or DEFAULT
-    if name not in VALID:
-        raise ValueError(f"unknown Keras backend {name!r}; valid: {list(VALID)} or 'auto'")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown Keras backend {name!r}; valid: {list(BACKENDS)} or 'auto'")
     if "keras" in sys.modules:
         current = sys.modules["keras"].backend.backend()
         if current != name:

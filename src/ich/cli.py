@@ -13,6 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
+from ich import backend
 from ich import config as config_mod
 from ich.constants import RESOLVED_CONFIG, STEPS
 from ich.errors import StepError  # noqa: F401  (re-exported: steps raise ich.cli.StepError)
@@ -37,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def choose_backend(cfg: dict) -> str:
+    """Set the Keras backend from train.backend once, before any step imports Keras."""
+    try:
+        return backend.select_backend(cfg["train"]["backend"])
+    except (RuntimeError, ImportError, ValueError) as err:
+        raise StepError(f"train.backend: {err}") from err
+
+
 def run_step(name: str, cfg: dict, force: bool = False) -> Path:
     """Run one pipeline step by name after saving the resolved config next to its outputs."""
     work = Path(cfg["paths"]["work_dir"])
@@ -47,12 +56,14 @@ def run_step(name: str, cfg: dict, force: bool = False) -> Path:
 
 def _cmd_step(args) -> int:
     cfg = config_mod.load(args.config, args.set)
+    choose_backend(cfg)
     run_step(args.command, cfg, force=args.force)
     return 0
 
 
 def _cmd_run(args) -> int:
     cfg = config_mod.load(args.config, args.set)
+    choose_backend(cfg)
     first = STEPS.index(args.from_step)
     last = STEPS.index(args.to_step)
     if first > last:
@@ -72,10 +83,11 @@ def _cmd_synth(args) -> int:
 
 
 def _cmd_predict(args) -> int:
-    from ich.steps import predict
-
     overrides = list(args.set)
     cfg = config_mod.load(args.config, overrides) if args.config else config_mod.load(None, overrides)
+    choose_backend(cfg)
+    from ich.steps import predict
+
     predict.predict_paths([Path(p) for p in args.paths], Path(args.model), Path(args.out), cfg)
     return 0
 

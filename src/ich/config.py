@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from ich.data.inputs import InputSpec
+
 # Keys whose value must be one of a fixed set: a typo should fail at load, not mid-training.
 CHOICES = {
     "copy.mode": ("copy", "hardlink", "symlink"),
@@ -102,6 +104,10 @@ def validate(cfg: dict) -> None:
                 f"preprocess.channels: unknown window {name!r}; defined windows: {sorted(windows)}")
     if len(cfg["preprocess"]["channels"]) != 3:
         raise ConfigError("preprocess.channels: exactly three window names (red, green, blue)")
+    try:
+        InputSpec.from_config(cfg)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     for section in ("augment", "online_augment"):
         for key, value in cfg[section].items():
             # Probabilities (`*_p`) and the elastic strength are fractions.

@@ -23,9 +23,10 @@ AUGMENTED_CSV = "augmented.csv"
 PACKED_DIR = "packed"
 RESOLVED_CONFIG = "config.resolved.yaml"
 
-# Artifacts of train/evaluate, relative to paths.run_dir.
-STAGE1_MODEL = "stage1.keras"
-STAGE2_MODEL = "stage2.keras"
+# Artifacts of train/evaluate, relative to paths.run_dir (a stage's model is <stage>.keras).
+MODEL_SUFFIX = ".keras"
+STAGE1_MODEL = "stage1" + MODEL_SUFFIX
+STAGE2_MODEL = "stage2" + MODEL_SUFFIX
 CASCADE_JSON = "cascade.json"
 HISTORY_DIR = "history"
 LOGS_DIR = "logs"
@@ -37,6 +38,11 @@ REPORT_MD = "report.md"
 # Prediction outputs (ich predict --out DIR).
 SUBMISSION_CSV = "submission.csv"
 STUDIES_CSV = "studies.csv"
+
+# The three splits of splits.csv, in order.
+SPLITS = ("train", "val", "test")
+# Keras backends ich runs on.
+BACKENDS = ("torch", "jax", "tensorflow")
 
 # Pipeline order for `ich run`.
 STEPS = ("sample", "copy", "preprocess", "split", "augment", "train", "evaluate")

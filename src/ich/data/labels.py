@@ -128,7 +128,8 @@ def balanced_sample(wide: pd.DataFrame, per_label: int, seed: int,
 
 
 def label_counts(wide: pd.DataFrame) -> dict[str, int]:
-    """Positives per label plus the image and negative counts, for summaries."""
+    """{"images": N, <label>: positives for each of LABELS, "negatives": images with any 0}:
+    the one count of a label table, for every summary and report."""
     counts = {"images": len(wide)}
     counts.update({label: int(wide[label].sum()) for label in LABELS})
     counts["negatives"] = int((wide["any"] == 0).sum())

@@ -73,11 +73,6 @@ def _copy_rows(table: pd.DataFrame, labels: np.ndarray, copies: np.ndarray) -> p
     return out
 
 
-def label_counts(table: pd.DataFrame) -> pd.Series:
-    """Positive images per label (LABELS order) of a table with LABELS columns."""
-    return table[list(LABELS)].sum(axis=0).astype(np.int64)
-
-
 def copy_seed(seed: int, source_id: str, k: int) -> int:
     """A 32-bit seed for copy k of `source_id`, stable across processes and Python runs."""
     digest = hashlib.blake2b(f"{seed}:{source_id}:{k}".encode(), digest_size=4).digest()

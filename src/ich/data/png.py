@@ -8,7 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import cv2
 import numpy as np
+
+from ich.data.windowing import resize
 
 
 def read_png(path: str | Path, image_size: int | None = None) -> np.ndarray:
@@ -18,10 +21,6 @@ def read_png(path: str | Path, image_size: int | None = None) -> np.ndarray:
     as it is when image_size is None. Raises ValueError naming the file when it is missing,
     cannot be decoded, or is not 8-bit RGB (a grey or 16-bit PNG is not a windowed CT).
     """
-    import cv2
-
-    from ich.data.windowing import resize
-
     image = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
     if image is None:
         raise ValueError(f"{path}: missing or not a readable image; re-run `ich preprocess` "

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 from iterstrat.ml_stratifiers import MultilabelStratifiedShuffleSplit
 
-SPLITS = ("train", "val", "test")
+from ich.constants import SPLITS
 
 
 def patient_label_matrix(patients: pd.Series, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

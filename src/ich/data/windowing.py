@@ -10,7 +10,7 @@ average bone (~1000 HU) with brain or air into partial-volume values that do not
 the scan, and the window would then saturate them, thickening the skull into the brain by
 a pixel; windowing first makes each output pixel the area mean of what that window shows at
 full resolution, i.e. the downscaled picture a reader would see. It costs one cheap pass per
-channel at full size (cv2 saturating arithmetic, ~0.1 ms at 512x512) and keeps the result
+channel at full size (cv2 saturating arithmetic; bench/preprocess.py times it) and keeps the result
 within one grey level of the exact float computation.
 """
 

@@ -1,9 +1,11 @@
-"""Load a trained cascade and turn images into the six probabilities.
+"""Load a trained cascade and turn model inputs into the six probabilities.
 
-In: a run directory holding cascade.json, stage1.keras and stage2.keras (written by `ich train`),
-then images (N, S, S, 3) RGB, uint8 (0-255) or float (0-1). Out: float32 (N, 6) probabilities in
-LABELS order: p(any) from stage 1, and for each subtype p(any) * p(subtype | any) from stage 2,
-so a subtype is never more likely than `any`. Nothing here writes files.
+In: a run directory holding cascade.json and one <stage>.keras per stage it lists (written by
+`ich train`), then model inputs (N, S, S, C) as the input description assembles them, uint8
+(0-255) or float (0-1), or a split's SplitData. Out: float32 (N, 6) probabilities in LABELS
+order. Each stage gives its labels; a stage conditional on a label (stage 2 on `any`) gives
+p(label | given), turned into p(given) * p(label | given), so a subtype is never more likely
+than `any`. Nothing here writes files.
 """
 
 from __future__ import annotations
@@ -13,72 +15,77 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
+import keras
 import numpy as np
 
-from ich.constants import CASCADE_JSON, LABELS, SUBTYPES
+import ich.models  # noqa: F401  (registers the custom layers and losses before loading)
+from ich.constants import CASCADE_JSON, LABELS
+from ich.data.inputs import InputSpec
 from ich.data.windowing import resize
+from ich.evaluation.metrics import DEFAULT_THRESHOLD
+from ich.io import progress
 
 
 @dataclass
 class Cascade:
-    """The two trained stages and their cascade.json metadata."""
+    """The trained stages (by name, in cascade.json order) and their cascade.json metadata."""
 
-    stage1: object  # keras.Model: (N, S, S, 3) float32 in [0, 1] -> (N, 1) p(any)
-    stage2: object  # keras.Model: same input -> (N, 5) p(subtype | any), SUBTYPES order
+    models: dict                      # stage name -> keras.Model (or anything with predict_on_batch)
     meta: dict = field(default_factory=dict)
+
+    @property
+    def spec(self) -> InputSpec:
+        """The input description the models were trained with."""
+        return InputSpec.from_json(self.meta["input"])
 
     @property
     def image_size(self) -> int:
         """Side of the square model input in pixels."""
-        return int(self.meta["image_size"])
+        return self.spec.image_size
 
     @property
     def thresholds(self) -> dict[str, float]:
-        """Decision threshold per label (0.5 each until `ich evaluate` picks them on val)."""
-        from ich.evaluation.metrics import DEFAULT_THRESHOLD
-
+        """Decision threshold per label (chosen on val at the end of `ich train`)."""
         saved = self.meta.get("thresholds") or {}
         return {label: float(saved.get(label, DEFAULT_THRESHOLD)) for label in LABELS}
 
     def predict(self, images, batch_size: int = 32) -> np.ndarray:
-        """Probabilities (N, 6) float32 in LABELS order for images (N, S, S, 3), uint8 or float."""
+        """Probabilities (N, 6) float32 in LABELS order for model inputs (N, S, S, C)."""
         out = np.empty((len(images), len(LABELS)), dtype=np.float32)
         for start, probs in self.iter_predict(images, batch_size):
             out[start:start + len(probs)] = probs
         return out
 
     def iter_predict(self, images, batch_size: int = 32) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (index of the batch's first image, probabilities (k, 6)) batch by batch.
+        """Yield (index of the batch's first input, probabilities (k, 6)) batch by batch.
 
         Works on a memory-mapped array without loading it whole. The last batch is padded to
         the batch size so that compiled backends (JAX, XLA) reuse one traced shape.
         """
-        _check_images(images)
+        _check_images(images, self.spec.n_channels)
         n = len(images)
         if n == 0:
             return
         size = _batch_size(n, batch_size)
         for start in range(0, n, size):
             x = to_model_input(np.asarray(images[start:start + size]), self.image_size)
-            k = len(x)
-            if k < size:
-                x = np.concatenate([x, np.zeros((size - k, *x.shape[1:]), dtype=x.dtype)])
-            p_any = np.asarray(self.stage1.predict_on_batch(x), dtype=np.float32)[:k, 0]
-            p_sub = np.asarray(self.stage2.predict_on_batch(x), dtype=np.float32)[:k]
-            yield start, combine(p_any, p_sub)
+            yield start, self.predict_inputs(_pad(x, size))[:len(x)]
 
-
-def combine(p_any: np.ndarray, p_subtype_given_any: np.ndarray) -> np.ndarray:
-    """(N,) p(any) and (N, 5) p(subtype | any) -> (N, 6) in LABELS order, subtypes multiplied."""
-    p_any = np.asarray(p_any, dtype=np.float32).reshape(-1)
-    cond = np.asarray(p_subtype_given_any, dtype=np.float32)
-    if cond.shape != (len(p_any), len(SUBTYPES)):
-        raise ValueError(f"stage 2 gave shape {cond.shape}; expected ({len(p_any)}, {len(SUBTYPES)})")
-    return np.concatenate([p_any[:, None], p_any[:, None] * cond], axis=1)
+    def predict_inputs(self, x: np.ndarray) -> np.ndarray:
+        """float32 model inputs (k, S, S, C) in [0, 1] -> (k, 6) probabilities, one batch."""
+        k = len(x)
+        out = np.full((k, len(LABELS)), np.nan, dtype=np.float32)
+        for stage in self.meta["stages"]:
+            p = np.asarray(self.models[stage["name"]].predict_on_batch(x), dtype=np.float32)[:k]
+            columns = [LABELS.index(label) for label in stage["labels"]]
+            if stage.get("given"):
+                p = p * out[:, [LABELS.index(stage["given"])]]
+            out[:, columns] = p.reshape(k, len(columns))
+        return out
 
 
 def to_model_input(images: np.ndarray, size: int) -> np.ndarray:
-    """(N, H, W, 3) uint8 or float in [0, 1] -> float32 (N, size, size, 3) in [0, 1]."""
+    """(N, H, W, C) uint8 or float in [0, 1] -> float32 (N, size, size, C) in [0, 1]."""
     if images.dtype == np.uint8:
         x = images.astype(np.float32) / 255.0
     else:
@@ -91,31 +98,42 @@ def to_model_input(images: np.ndarray, size: int) -> np.ndarray:
     return x
 
 
+def predict_split(cascade: Cascade, data, batch_size: int, split: str = "") -> np.ndarray:
+    """(N targets, 6) probabilities for a split's targets (ich.data.loading.SplitData), in the
+    order of data.targets, with a progress bar."""
+    batches = data.batches(LABELS, batch_size, cascade.spec, shuffle=False, seed=0)
+    out = np.empty((len(data.targets), len(LABELS)), dtype=np.float32)
+    start = 0
+    for index in progress(range(len(batches)), desc=f"predict {split}".strip(), unit="batch"):
+        x, _ = batches[index]
+        probs = cascade.predict_inputs(_pad(x, batch_size))[:len(x)]
+        out[start:start + len(x)] = probs
+        start += len(x)
+    return out
+
+
 def load_cascade(run_dir: Path) -> Cascade:
-    """Read run_dir/cascade.json and load both stages it names.
+    """Read run_dir/cascade.json and load every stage it names.
 
     Raises FileNotFoundError naming the missing file (and that `ich train` makes it), and
     ValueError when cascade.json is malformed or its label order is not this version's.
     """
-    import keras
-
-    import ich.models  # noqa: F401  (registers the custom layers before loading)
-
     run_dir = Path(run_dir)
     meta = read_cascade_json(run_dir)
-    models = []
-    for stage, outputs in (("stage1", 1), ("stage2", len(SUBTYPES))):
-        path = run_dir / meta[stage]["file"]
+    models = {}
+    for stage in meta["stages"]:
+        path = run_dir / stage["file"]
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {run_dir / CASCADE_JSON} names it as the "
-                                    f"{stage} model; run `ich train` to make it")
+                                    f"{stage['name']} model; run `ich train` to make it")
         # compile=False: inference needs neither the optimizer nor the (custom) training loss.
         model = keras.saving.load_model(path, compile=False)
         shape = tuple(model.output_shape)
-        if shape[-1] != outputs:
-            raise ValueError(f"{path}: outputs {shape}, expected (None, {outputs}) for {stage}")
-        models.append(model)
-    return Cascade(stage1=models[0], stage2=models[1], meta=meta)
+        if shape[-1] != len(stage["labels"]):
+            raise ValueError(f"{path}: outputs {shape}, expected (None, {len(stage['labels'])}) "
+                             f"for {stage['name']}")
+        models[stage["name"]] = model
+    return Cascade(models=models, meta=meta)
 
 
 def read_cascade_json(run_dir: Path) -> dict:
@@ -128,12 +146,23 @@ def read_cascade_json(run_dir: Path) -> dict:
         meta = json.loads(path.read_text())
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: not valid JSON ({err})") from err
-    for key in ("image_size", "stage1", "stage2"):
+    for key in ("input", "stages"):
         if key not in meta:
             raise ValueError(f"{path}: key {key!r} missing; retrain with `ich train --force`")
-    for key, expected in (("labels", LABELS), ("subtypes", SUBTYPES)):
-        if key in meta and tuple(meta[key]) != expected:
-            raise ValueError(f"{path}: {key} {meta[key]} differ from this version's {list(expected)}")
+    if "labels" in meta and tuple(meta["labels"]) != LABELS:
+        raise ValueError(f"{path}: labels {meta['labels']} differ from this version's {list(LABELS)}")
+    covered = []
+    for stage in meta["stages"]:
+        if stage.get("given") and stage["given"] not in covered:
+            raise ValueError(f"{path}: stage {stage['name']} is conditional on {stage['given']!r}, "
+                             "which no earlier stage predicts")
+        covered += stage["labels"]
+    if sorted(covered) != sorted(LABELS):
+        raise ValueError(f"{path}: its stages give {covered}, not each of {list(LABELS)} once")
+    try:
+        InputSpec.from_json(meta["input"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{path}: bad input description ({err})") from err
     return meta
 
 
@@ -147,7 +176,15 @@ def _batch_size(n: int, batch_size: int) -> int:
     return max(1, min(int(batch_size), n))
 
 
-def _check_images(images) -> None:
+def _pad(x: np.ndarray, size: int) -> np.ndarray:
+    """Pad a short last batch with zeros to `size` rows: compiled backends keep one shape."""
+    if len(x) >= size:
+        return x
+    return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), dtype=x.dtype)])
+
+
+def _check_images(images, channels: int) -> None:
     shape = getattr(images, "shape", None)
-    if shape is None or len(shape) != 4 or shape[-1] != 3:
-        raise ValueError(f"images must be an array (N, S, S, 3) RGB; got shape {shape}")
+    if shape is None or len(shape) != 4 or shape[-1] != channels:
+        raise ValueError(f"model inputs must be an array (N, S, S, {channels}) as the run's input "
+                         f"description assembles them; got shape {shape}")

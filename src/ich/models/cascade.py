@@ -1,7 +1,8 @@
 """The two-stage cascade: stage 1 detects any hemorrhage, stage 2 names the subtypes.
 
-In: backbone names, input side S, weights, head sizes, an optional Keras augmentation layer.
-Out: functional keras.Models taking float32 (N, S, S, 3) RGB in [0, 1]:
+In: backbone names, the input shape (S, S, C) from the input description (an int S means
+(S, S, 3): one slice, three windows), weights, head sizes, an optional augmentation layer.
+Out: functional keras.Models taking float32 (N, S, S, C) in [0, 1]:
   stage 1 -> (N, 1) float32 sigmoid p(any), output "any";
   stage 2 -> (N, 5) float32 sigmoid p(subtype | any) in SUBTYPES order, output "subtypes".
 Heads are float32 even under a mixed_float16 policy, so probabilities and losses stay exact.
@@ -34,15 +35,25 @@ from ich.models.layers import TokenEmbedding
 STAGE2_FAMILIES = ("EfficientNetV2", "ConvNeXt")
 
 
-def build_stage1(backbone: str, image_size: int, weights: str | None = None, dropout: float = 0.3,
+def input_shape_of(shape: int | Sequence[int]) -> tuple[int, int, int]:
+    """(S, S, C) from an (S, S, C) sequence, or (S, S, 3) from a side S."""
+    if isinstance(shape, int):
+        return (shape, shape, 3)
+    shape = tuple(int(v) for v in shape)
+    if len(shape) != 3:
+        raise ValueError(f"input shape must be (S, S, C), got {shape}")
+    return shape
+
+
+def build_stage1(backbone: str, image_size: int | Sequence[int], weights: str | None = None, dropout: float = 0.3,
                  augmentation: keras.layers.Layer | None = None) -> keras.Model:
     """Stage 1: [0,1] image -> optional augmentation -> backbone -> GAP -> Dropout -> p(any).
 
     Returns a model named "stage1" with one float32 output (N, 1) named "any".
     """
-    inputs = keras.Input(shape=(image_size, image_size, 3), dtype="float32", name="image")
+    shape = input_shape_of(image_size)
+    inputs = keras.Input(shape=shape, dtype="float32", name="image")
     x = augmentation(inputs) if augmentation is not None else inputs
-    shape = (image_size, image_size, 3)
     x = build_backbone(backbone, shape, weights)(x)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
@@ -50,7 +61,7 @@ def build_stage1(backbone: str, image_size: int, weights: str | None = None, dro
     return keras.Model(inputs, outputs, name="stage1")
 
 
-def build_stage2(backbones: Sequence[str], image_size: int, weights: str | None = None,
+def build_stage2(backbones: Sequence[str], image_size: int | Sequence[int], weights: str | None = None,
                  dropout: float = 0.3, fusion_dim: int = 256, attention_heads: int = 4,
                  augmentation: keras.layers.Layer | None = None) -> keras.Model:
     """Stage 2: two backbones on the same image, token fusion + self-attention, p(subtype | any).
@@ -67,9 +78,9 @@ def build_stage2(backbones: Sequence[str], image_size: int, weights: str | None 
     if fusion_dim % attention_heads:
         raise ValueError(f"fusion_dim {fusion_dim} must be divisible by attention_heads {attention_heads}")
 
-    inputs = keras.Input(shape=(image_size, image_size, 3), dtype="float32", name="image")
+    shape = input_shape_of(image_size)
+    inputs = keras.Input(shape=shape, dtype="float32", name="image")
     x = augmentation(inputs) if augmentation is not None else inputs
-    shape = (image_size, image_size, 3)
     maps = [build_backbone(name, shape, weights)(x) for name in backbones]
     grid = tuple(maps[0].shape[1:3])
 

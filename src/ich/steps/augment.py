@@ -24,13 +24,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ich.data.offline_augment import augment_copy, copy_seed, label_counts, offline_pipeline, plan_copies
+from ich.data.labels import label_counts
+from ich.data.offline_augment import augment_copy, copy_seed, offline_pipeline, plan_copies
 from ich.config import resolve_workers
 from ich.errors import StepError
 from ich.data.png import read_png
-from ich.constants import AUGMENTED_CSV, AUGMENTED_DIR, IMAGES_CSV, LABELS, PNG_DIR, SPLITS_CSV
-from ich.io import Timer, atomic_write_bytes, atomic_write_text, is_done, mark_done, mtime, progress, \
-    summary, write_csv
+from ich.constants import AUGMENTED_CSV, AUGMENTED_DIR, LABELS, PNG_DIR, SPLITS_CSV
+from ich.io import Timer, atomic_write_bytes, progress, summary, write_csv
+from ich.stamps import Stamp, reason, record, record_path
 
 log = logging.getLogger("ich")
 
@@ -41,11 +42,30 @@ OUT_COLUMNS = ["image_id", "source_id", "path", *LABELS]
 PIXEL_KEYS = ("hflip_p", "vflip_p", "rotate_limit", "rotate_p", "brightness_limit",
               "contrast_limit", "brightness_contrast_p", "blur_p", "elastic_p", "elastic_alpha",
               "elastic_sigma")
-SETTINGS_FILE = ".settings.json"   # in augmented/: the pixel settings its PNGs were made with
 FAILURES_FILE = "failures.csv"     # in augmented/: source images that could not be augmented
 _SOURCES_PER_TASK = 16             # amortises inter-process overhead
 _COPIES_PER_WORKER = 200           # ~2 s of work per core at 256 px, about a worker's start-up
 _FAILURES_LOGGED = 10
+
+
+def stamps(cfg: dict) -> list[Stamp]:
+    """Augmentation depends on the seed, the `augment` section (its worker count aside),
+    splits.csv and the preprocessed PNGs (through preprocess's own record)."""
+    work = Path(cfg["paths"]["work_dir"])
+    settings = {"seed": cfg["seed"], "method": METHOD,
+                "augment": {k: v for k, v in cfg["augment"].items() if k != "workers"}}
+    return [Stamp("augment", work, settings=settings,
+                  inputs=[work / SPLITS_CSV, record_path(work, "preprocess")], outputs=[work / AUGMENTED_CSV])]
+
+
+def pixel_stamp(cfg: dict) -> Stamp:
+    """What the pixels of the copies in augmented/ depend on: a change here remakes every copy,
+    while a change of the plan alone (target, cap) keeps the copies still planned."""
+    work = Path(cfg["paths"]["work_dir"])
+    settings = {"seed": cfg["seed"], "method": METHOD,
+                "pixels": {k: cfg["augment"][k] for k in PIXEL_KEYS}}
+    return Stamp("augment.pixels", work, settings=settings, inputs=[record_path(work, "preprocess")],
+                 outputs=[work / AUGMENTED_DIR])
 
 
 def run(cfg: dict, force: bool = False) -> Path:
@@ -55,14 +75,12 @@ def run(cfg: dict, force: bool = False) -> Path:
     splits_csv, out_csv, out_dir = work / SPLITS_CSV, work / AUGMENTED_CSV, work / AUGMENTED_DIR
     if not splits_csv.is_file():
         raise StepError(f"{splits_csv} not found; run `ich split` first")
-    settings = {"seed": cfg["seed"], "method": METHOD, "pixels": {k: aug[k] for k in PIXEL_KEYS},
-                "sources_mtime": mtime(work / IMAGES_CSV)}
-    params = {**settings, "enabled": aug["enabled"], "target_per_label": aug["target_per_label"],
-              "max_copies_per_image": aug["max_copies_per_image"],
-              "splits_mtime": mtime(splits_csv)}
-    if not force and is_done(work, "augment", params, [out_csv]):
+    [stamp] = stamps(cfg)
+    why = "forced" if force else reason(stamp)
+    if why is None:
         log.info("augment: %s is up to date (use --force to redo)", out_csv)
         return out_csv
+    log.info("augment: running (%s)", why)
 
     timer = Timer()
     train = _train_rows(work, splits_csv)
@@ -70,13 +88,13 @@ def run(cfg: dict, force: bool = False) -> Path:
         write_csv(pd.DataFrame(columns=OUT_COLUMNS), out_csv)
         line = summary("augment", f"disabled (augment.enabled: false); wrote a header-only "
                        f"{out_csv.name}, {len(train):,} training images unchanged", 0, "images", timer)
-        mark_done(work, "augment", params, line)
+        record(stamp, line)
         return out_csv
 
     plan = plan_copies(train, int(aug["target_per_label"]), int(aug["max_copies_per_image"]),
                        int(cfg["seed"]))
     plan["path"] = [f"{AUGMENTED_DIR}/{i}.png" for i in plan["image_id"]]
-    _prepare_dir(out_dir, settings, force, keep=set(plan["image_id"]))
+    _prepare_dir(out_dir, pixel_stamp(cfg), force, keep=set(plan["image_id"]))
     todo = plan[[not (work / p).is_file() for p in plan["path"]]]
     # A worker process takes ~2 s to start (albumentations imports torch): worth it only
     # for a few hundred copies each.
@@ -94,7 +112,7 @@ def run(cfg: dict, force: bool = False) -> Path:
                    f"images ({written:,} new, {len(plan) - len(todo):,} kept, "
                    f"{len(failed)} source(s) failed) with {workers} worker(s)", written, "images",
                    timer)
-    mark_done(work, "augment", params, line)
+    record(stamp, line)
     return out_csv
 
 
@@ -114,14 +132,13 @@ def _train_rows(work: Path, splits_csv: Path) -> pd.DataFrame:
     return train[present].reset_index(drop=True)
 
 
-def _prepare_dir(out_dir: Path, settings: dict, force: bool, keep: set[str]) -> None:
-    """Empty out_dir when forced or made with other settings; drop copies no longer planned."""
+def _prepare_dir(out_dir: Path, pixels: Stamp, force: bool, keep: set[str]) -> None:
+    """Empty out_dir when forced or made with other pixel settings; drop copies no longer planned."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings_path = out_dir / SETTINGS_FILE
-    old = json.loads(settings_path.read_text()) if settings_path.is_file() else None
-    reset = force or old != json.loads(json.dumps(settings))
-    if reset and old is not None and not force:
-        log.info("augment: pipeline settings or source PNGs changed; remaking every copy")
+    why = reason(pixels)
+    reset = force or why is not None
+    if reset and not force and why != "never run":
+        log.info("augment: remaking every copy (%s)", why)
     removed = 0
     for png in out_dir.glob("*.png"):
         if reset or png.stem not in keep:
@@ -131,7 +148,7 @@ def _prepare_dir(out_dir: Path, settings: dict, force: bool, keep: set[str]) -> 
         leftover.unlink(missing_ok=True)
     if removed and not reset:
         log.info("augment: removed %d copies the current plan no longer needs", removed)
-    atomic_write_text(settings_path, json.dumps(settings, indent=2) + "\n")
+    record(pixels)
 
 
 def _make_copies(todo: pd.DataFrame, work: Path, sources: pd.Series, aug: dict, seed: int,
@@ -164,8 +181,8 @@ def _make_copies(todo: pd.DataFrame, work: Path, sources: pd.Series, aug: dict, 
                 bar.update(made)
                 failures += failed
     bar.close()
-    for source, path, reason in failures[:_FAILURES_LOGGED]:
-        log.warning("augment: %s (%s): %s", source, path, reason)
+    for source, path, why in failures[:_FAILURES_LOGGED]:
+        log.warning("augment: %s (%s): %s", source, path, why)
     if len(failures) > _FAILURES_LOGGED:
         log.warning("augment: ... and %d more failures", len(failures) - _FAILURES_LOGGED)
     return written, sorted(failures)
@@ -212,10 +229,9 @@ def augment_task(task: list, aug: dict, seed: int) -> tuple[int, list[tuple[str,
 
 def _log_counts(train: pd.DataFrame, made: pd.DataFrame) -> None:
     """Log the training split's positives per label before and after augmentation."""
-    before = label_counts(train)
-    after = before + label_counts(made) if len(made) else before
-    table = pd.DataFrame({"label": list(LABELS), "before": before.to_numpy(),
-                          "after": after.to_numpy()})
-    table.loc[len(table)] = ["images", len(train), len(train) + len(made)]
+    before, extra = label_counts(train), label_counts(made)
+    keys = [*LABELS, "images"]
+    table = pd.DataFrame({"label": keys, "before": [before[k] for k in keys],
+                          "after": [before[k] + extra[k] for k in keys]})
     for text in table.to_string(index=False).splitlines():
         log.info("augment: %s", text)

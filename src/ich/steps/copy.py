@@ -18,11 +18,21 @@ import pandas as pd
 
 from ich.errors import StepError
 from ich.constants import DICOM_DIR, MISSING_CSV, SAMPLED_CSV
-from ich.io import Timer, atomic_path, is_done, mark_done, mtime, progress, summary, write_csv
+from ich.io import Timer, atomic_path, progress, summary, write_csv
+from ich.stamps import Stamp, reason, record
 
 log = logging.getLogger("ich")
 
 SKIPPED, COPIED, MISSING = "skipped", "copied", "missing"
+
+
+def stamps(cfg: dict) -> list[Stamp]:
+    """The copy depends on the source folder, the copy mode and sampled.csv (the source folder
+    itself is not listed: on RSNA it holds 752,803 files)."""
+    work = Path(cfg["paths"]["work_dir"])
+    settings = {"dicom_dir": str(Path(cfg["paths"]["dicom_dir"]).resolve()), "mode": cfg["copy"]["mode"]}
+    return [Stamp("copy", work, settings=settings, inputs=[work / SAMPLED_CSV],
+                  outputs=[work / DICOM_DIR, work / MISSING_CSV])]
 
 
 def run(cfg: dict, force: bool = False) -> Path:
@@ -36,11 +46,12 @@ def run(cfg: dict, force: bool = False) -> Path:
     if not source_dir.is_dir():
         raise StepError(f"source DICOM folder {source_dir} not found; set paths.dicom_dir")
     ids = pd.read_csv(sampled_csv, usecols=["image_id"])["image_id"].tolist()
-    params = {"dicom_dir": str(source_dir.resolve()), "mode": mode, "ids": len(ids),
-              "sampled_mtime": mtime(sampled_csv)}
-    if not force and is_done(work, "copy", params, [dest_dir, work / MISSING_CSV]):
+    [stamp] = stamps(cfg)
+    why = "forced" if force else reason(stamp)
+    if why is None:
         log.info("copy: %s is up to date (use --force to redo)", dest_dir)
         return dest_dir
+    log.info("copy: running (%s)", why)
 
     dest_dir.mkdir(parents=True, exist_ok=True)
     timer = Timer()
@@ -67,7 +78,7 @@ def run(cfg: dict, force: bool = False) -> Path:
                     len(missing), work / MISSING_CSV)
     line = summary("copy", f"{outcomes[COPIED]:,} {mode} done, {outcomes[SKIPPED]:,} already there, "
                    f"{outcomes[MISSING]:,} missing", len(ids), "files", timer)
-    mark_done(work, "copy", params, line)
+    record(stamp, line)
     return dest_dir
 
 

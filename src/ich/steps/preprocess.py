@@ -18,8 +18,6 @@ Tables are plain csv here (no pandas): workers import this module too, and panda
 from __future__ import annotations
 
 import csv
-import hashlib
-import json
 import logging
 import math
 import multiprocessing
@@ -33,12 +31,12 @@ from pathlib import Path
 from ich.errors import StepError
 from ich.config import resolve_workers
 from ich.constants import DICOM_DIR, FAILURES_CSV, IMAGES_CSV, PNG_DIR
-from ich.io import (Timer, atomic_path, clear_done, is_done, mark_done, progress, summary,
-                    write_json)
+from ich.io import Timer, atomic_path, progress, summary
+from ich.stamps import Stamp, clear, reason, record
 
 log = logging.getLogger("ich")
 
-# Step-internal resume state (not an artifact other steps read): settings.json + parts/*.csv.
+# Step-internal resume state (not an artifact other steps read): parts/*.csv.
 JOURNAL_DIR = ".preprocess"
 # Bump when the pixel pipeline changes so old PNGs are not mistaken for current ones.
 METHOD = "window-then-area-resize/v1"
@@ -48,6 +46,26 @@ FAILURE_COLUMNS = ("image_id", "path", "reason")
 _JOURNAL_COLUMNS = IMAGE_COLUMNS + ("reason",)
 _CHUNKS_PER_WORKER = 4   # at least this many chunks per worker, so one slow chunk cannot stall the end
 _FAILURES_LOGGED = 10
+
+
+def settings(cfg: dict) -> dict:
+    """What every PNG's pixels depend on: size, the window of each channel, the method."""
+    pp = cfg["preprocess"]
+    return {"image_size": pp["image_size"], "method": METHOD,
+            "windows": [[name] + list(pp["windows"][name]) for name in pp["channels"]]}
+
+
+def stamps(cfg: dict) -> list[Stamp]:
+    """Preprocess depends on its pixel settings and on the DICOMs in work/dicom/."""
+    work = Path(cfg["paths"]["work_dir"])
+    return [Stamp("preprocess", work, settings=settings(cfg), inputs=[work / DICOM_DIR],
+                  outputs=[work / IMAGES_CSV, work / FAILURES_CSV, work / PNG_DIR])]
+
+
+def pixel_stamp(cfg: dict) -> Stamp:
+    """The journal's settings: a change redoes every image, otherwise a rerun resumes."""
+    work = Path(cfg["paths"]["work_dir"])
+    return Stamp("preprocess.pixels", work, settings=settings(cfg))
 
 
 def run(cfg: dict, force: bool = False) -> Path:
@@ -61,17 +79,19 @@ def run(cfg: dict, force: bool = False) -> Path:
     sources = {p.stem: p for p in sorted(source_dir.glob("*.dcm"))}
     if not sources:
         raise StepError(f"no .dcm files in {source_dir}; run `ich copy` first")
-    settings = {"image_size": pp["image_size"], "method": METHOD,
-                "windows": [[name] + list(pp["windows"][name]) for name in pp["channels"]]}
-    params = {"settings": settings, "inputs": _fingerprint(sources)}
-    if not force and is_done(work, "preprocess", params, [images_csv, failures_csv, png_dir]):
+    [stamp] = stamps(cfg)
+    why = "forced" if force else reason(stamp)
+    if why is None:
         log.info("preprocess: %s is up to date (use --force to redo)", images_csv)
         return images_csv
+    log.info("preprocess: running (%s)", why)
 
-    if force or _journal_settings(journal) != settings:
-        if not force and (journal / "settings.json").exists():
-            log.info("preprocess: image_size, windows or method changed; redoing every image")
-        _reset(work, journal, settings)
+    pixels = pixel_stamp(cfg)
+    changed = reason(pixels)
+    if force or changed is not None:
+        if not force and changed != "never run":
+            log.info("preprocess: redoing every image (%s)", changed)
+        _reset(work, journal, stamp, pixels)
     png_dir.mkdir(parents=True, exist_ok=True)
     for leftover in png_dir.glob(".*.tmp.png"):  # temporary PNGs of a killed run
         leftover.unlink(missing_ok=True)
@@ -79,12 +99,12 @@ def run(cfg: dict, force: bool = False) -> Path:
     known = _known_rows(work, journal, set(sources))
     todo = [path for image_id, path in sources.items() if image_id not in known]
     timer = Timer()
-    counts = _process(todo, work, journal, settings, pp)
+    counts = _process(todo, work, journal, settings(cfg), pp)
     n_ok = _consolidate(work, journal, set(sources), images_csv, failures_csv)
     line = summary("preprocess", f"{counts['ok']:,} ok, {counts['failed']:,} failed, "
                    f"{len(sources) - len(todo):,} already done; {n_ok:,} of {len(sources):,} images "
                    f"usable", len(todo), "images", timer)
-    mark_done(work, "preprocess", params, line)
+    record(stamp, line)
     return images_csv
 
 
@@ -284,25 +304,13 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _journal_settings(journal: Path) -> dict | None:
-    try:
-        return json.loads((journal / "settings.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def _reset(work: Path, journal: Path, settings: dict) -> None:
+def _reset(work: Path, journal: Path, stamp: Stamp, pixels: Stamp) -> None:
     """Forget every earlier result, then record the settings the new results will follow.
 
     images.csv goes first: it must never outlive the settings it was made with.
     """
-    clear_done(work, "preprocess")
+    clear(stamp)
     (work / IMAGES_CSV).unlink(missing_ok=True)
     (work / FAILURES_CSV).unlink(missing_ok=True)
     shutil.rmtree(journal / "parts", ignore_errors=True)
-    write_json(settings, journal / "settings.json")
-
-
-def _fingerprint(sources: dict[str, Path]) -> dict:
-    digest = hashlib.sha1("\n".join(sources).encode()).hexdigest()
-    return {"count": len(sources), "sha1": digest}
+    record(pixels)

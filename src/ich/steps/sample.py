@@ -12,9 +12,18 @@ from pathlib import Path
 from ich.data import labels
 from ich.errors import StepError
 from ich.constants import LABELS, LABELS_CSV, SAMPLED_CSV
-from ich.io import Timer, is_done, mark_done, mtime, summary, write_csv
+from ich.io import Timer, summary, write_csv
+from ich.stamps import Stamp, reason, record
 
 log = logging.getLogger("ich")
+
+
+def stamps(cfg: dict) -> list[Stamp]:
+    """Sampling depends on the labels CSV, the seed and the `sample` section."""
+    work = Path(cfg["paths"]["work_dir"])
+    return [Stamp("sample", work, settings={"seed": cfg["seed"], "sample": cfg["sample"]},
+                  inputs=[Path(cfg["paths"]["labels_csv"])],
+                  outputs=[work / LABELS_CSV, work / SAMPLED_CSV])]
 
 
 def run(cfg: dict, force: bool = False) -> Path:
@@ -22,11 +31,12 @@ def run(cfg: dict, force: bool = False) -> Path:
     work = Path(cfg["paths"]["work_dir"])
     source = Path(cfg["paths"]["labels_csv"])
     out_labels, out_sampled = work / LABELS_CSV, work / SAMPLED_CSV
-    params = {"labels_csv": str(source.resolve()), "seed": cfg["seed"], **cfg["sample"],
-              "labels_mtime": mtime(source)}
-    if not force and is_done(work, "sample", params, [out_labels, out_sampled]):
+    [stamp] = stamps(cfg)
+    why = "forced" if force else reason(stamp)
+    if why is None:
         log.info("sample: %s is up to date (use --force to redo)", out_sampled)
         return out_sampled
+    log.info("sample: running (%s)", why)
 
     timer = Timer()
     try:
@@ -52,5 +62,5 @@ def run(cfg: dict, force: bool = False) -> Path:
         log.info("sample: %-18s %10d %10d", key, before[key], after[key])
     line = summary("sample", f"{after['images']:,} of {before['images']:,} images sampled "
                    f"({table.num_rows:,} CSV rows)", table.num_rows, "rows", timer)
-    mark_done(work, "sample", params, line)
+    record(stamp, line)
     return out_sampled

@@ -13,10 +13,18 @@ import pandas as pd
 
 from ich.errors import StepError
 from ich.constants import IMAGES_CSV, LABELS, SAMPLED_CSV, SPLITS_CSV
-from ich.io import Timer, is_done, mark_done, mtime, summary, write_csv
+from ich.io import Timer, summary, write_csv
+from ich.stamps import Stamp, reason, record
 from ich.data.splits import assign_splits, split_summary
 
 log = logging.getLogger("ich")
+
+
+def stamps(cfg: dict) -> list[Stamp]:
+    """The split depends on the seed, the `split` section, images.csv and sampled.csv."""
+    work = Path(cfg["paths"]["work_dir"])
+    return [Stamp("split", work, settings={"seed": cfg["seed"], "split": cfg["split"]},
+                  inputs=[work / IMAGES_CSV, work / SAMPLED_CSV], outputs=[work / SPLITS_CSV])]
 
 
 def run(cfg: dict, force: bool = False) -> Path:
@@ -26,11 +34,12 @@ def run(cfg: dict, force: bool = False) -> Path:
     for path, step in ((images_csv, "preprocess"), (sampled_csv, "sample")):
         if not path.is_file():
             raise StepError(f"{path} not found; run `ich {step}` first")
-    params = {"seed": cfg["seed"], **cfg["split"],
-              "images_mtime": mtime(images_csv), "sampled_mtime": mtime(sampled_csv)}
-    if not force and is_done(work, "split", params, [out]):
+    [stamp] = stamps(cfg)
+    why = "forced" if force else reason(stamp)
+    if why is None:
         log.info("split: %s is up to date (use --force to redo)", out)
         return out
+    log.info("split: running (%s)", why)
 
     timer = Timer()
     images = pd.read_csv(images_csv, usecols=["image_id", "patient_id", "study_id"], dtype=str)
@@ -58,5 +67,5 @@ def run(cfg: dict, force: bool = False) -> Path:
         log.info("split: %s", line)
     line = summary("split", f"{len(frame):,} images of {frame['patient_id'].nunique():,} patients "
                    "split " + "/".join(str(n) for n in table["images"]), len(frame), "images", timer)
-    mark_done(work, "split", params, line)
+    record(stamp, line)
     return out

@@ -1,0 +1,141 @@
+"""The input description: what one model input is made of, read by every layer that builds one.
+
+In: the config (preprocess.windows and .channels: the three windows each PNG holds as RGB;
+model.image_size; input.offsets: which neighbouring slices of the same series join the target
+slice; input.slice_channels: every window of each slice, or one named window per slice) or the
+`input` record of a run's cascade.json. Out: an `InputSpec`, its JSON record, and pure array
+functions: `neighbour_rows` (which rows of a table are each row's neighbours) and
+`InputSpec.assemble` (gathered uint8 slices -> the model's channels).
+
+Default: offsets [0] and all windows: today's one slice, three windows, three channels. The
+1st-place RSNA layout is offsets [-1, 0, 1] with slice_channels set to one window (3 channels);
+offsets [-1, 0, 1] with all windows gives 9 channels.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+ALL_WINDOWS = "all"
+PNG_CHANNELS = 3  # a preprocessed PNG is RGB: one window per channel
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """Windows, channel layout, neighbouring-slice offsets and image size of a model input."""
+
+    image_size: int
+    windows: dict          # name -> (center, width) in HU
+    channels: tuple        # the window of each PNG channel (R, G, B)
+    offsets: tuple = (0,)  # slice offsets along the series, 0 = the target slice
+    slice_channels: str = ALL_WINDOWS  # "all", or the one window taken from every slice
+
+    def __post_init__(self):
+        if len(self.channels) != PNG_CHANNELS:
+            raise ValueError(f"input: channels {list(self.channels)} must name {PNG_CHANNELS} windows (R, G, B)")
+        for name in self.channels:
+            if name not in self.windows:
+                raise ValueError(f"input: channel window {name!r} is not defined; windows: {sorted(self.windows)}")
+        if 0 not in self.offsets or len(set(self.offsets)) != len(self.offsets):
+            raise ValueError(f"input.offsets {list(self.offsets)} must hold 0 (the target slice) once, "
+                             "and no offset twice")
+        if self.slice_channels != ALL_WINDOWS and self.slice_channels not in self.channels:
+            raise ValueError(f"input.slice_channels {self.slice_channels!r} must be 'all' or one of "
+                             f"the PNG channels {list(self.channels)}")
+
+    @classmethod
+    def from_config(cls, cfg: dict) -> "InputSpec":
+        """The input description of an experiment config."""
+        pre, inp = cfg["preprocess"], cfg["input"]
+        return cls(image_size=int(cfg["model"]["image_size"]),
+                   windows={k: tuple(float(x) for x in v) for k, v in pre["windows"].items()
+                            if k in pre["channels"]},
+                   channels=tuple(pre["channels"]), offsets=tuple(int(o) for o in inp["offsets"]),
+                   slice_channels=str(inp["slice_channels"]))
+
+    @classmethod
+    def from_json(cls, record: dict) -> "InputSpec":
+        """Rebuild from `to_json()` (the `input` key of cascade.json)."""
+        return cls(image_size=int(record["image_size"]),
+                   windows={k: tuple(float(x) for x in v) for k, v in record["windows"].items()},
+                   channels=tuple(record["channels"]), offsets=tuple(int(o) for o in record["offsets"]),
+                   slice_channels=str(record["slice_channels"]))
+
+    def to_json(self) -> dict:
+        """A JSON-ready record of every field."""
+        return {"image_size": self.image_size,
+                "windows": {k: list(v) for k, v in self.windows.items()},
+                "channels": list(self.channels), "offsets": list(self.offsets),
+                "slice_channels": self.slice_channels}
+
+    @property
+    def png_windows(self) -> list[tuple[float, float]]:
+        """(center, width) of each PNG channel, in channel order (what preprocessing writes)."""
+        return [tuple(self.windows[name]) for name in self.channels]
+
+    @property
+    def picked(self) -> list[int]:
+        """The PNG channels taken from each slice."""
+        if self.slice_channels == ALL_WINDOWS:
+            return list(range(PNG_CHANNELS))
+        return [self.channels.index(self.slice_channels)]
+
+    @property
+    def n_channels(self) -> int:
+        """Channels of the model input: offsets x channels taken per slice."""
+        return len(self.offsets) * len(self.picked)
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """The model input shape (S, S, C), channels last."""
+        return (self.image_size, self.image_size, self.n_channels)
+
+    @property
+    def has_context(self) -> bool:
+        """True when the input holds slices other than the target."""
+        return self.offsets != (0,)
+
+    def assemble(self, stack: np.ndarray) -> np.ndarray:
+        """(N, len(offsets), S, S, 3) slices of each input -> (N, S, S, C), same dtype.
+
+        Channels run offset by offset in `offsets` order, the picked windows inside each.
+        """
+        stack = np.asarray(stack)
+        if stack.ndim != 5 or stack.shape[1] != len(self.offsets) or stack.shape[-1] != PNG_CHANNELS:
+            raise ValueError(f"assemble: expected (N, {len(self.offsets)}, S, S, {PNG_CHANNELS}), "
+                             f"got {stack.shape}")
+        picked = stack[..., self.picked]                      # (N, K, S, S, P)
+        n, k, h, w, p = picked.shape
+        return np.ascontiguousarray(picked.transpose(0, 2, 3, 1, 4).reshape(n, h, w, k * p))
+
+
+def neighbour_rows(series_ids, positions, offsets) -> np.ndarray:
+    """(N, len(offsets)) row indices: for each row, the rows at `offsets` along its series.
+
+    Rows are ordered inside a series by `positions` (ImagePositionPatient on the slice normal,
+    so tilted series sort right), ties kept in table order. At a series' edges the edge slice
+    repeats. A row without a series id (empty or NaN) is a series of its own: every offset
+    points at itself.
+    """
+    series = np.asarray(series_ids, dtype=object)
+    position = np.asarray(positions, dtype=np.float64)
+    offsets = np.asarray(list(offsets), dtype=np.int64)
+    n = len(series)
+    out = np.repeat(np.arange(n)[:, None], len(offsets), axis=1)
+    missing = np.array([s is None or (isinstance(s, float) and np.isnan(s)) or s == "" for s in series],
+                       dtype=bool)
+    keys = np.where(missing, [f"\0row{i}" for i in range(n)], series.astype(str))
+    position = np.where(np.isnan(position), 0.0, position)
+    # Sort by series, then position, then table order: each series becomes one contiguous run.
+    order = np.lexsort((np.arange(n), position, keys))
+    sorted_keys = keys[order]
+    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
+    ends = np.r_[starts[1:], n]
+    for start, end in zip(starts, ends):
+        run = order[start:end]
+        rank = np.arange(len(run))
+        for j, offset in enumerate(offsets):
+            out[run, j] = run[np.clip(rank + offset, 0, len(run) - 1)]
+    return out
