@@ -93,9 +93,10 @@ def _cmd_predict(args) -> int:
 
 
 def _cmd_explain(args) -> int:
+    cfg = config_mod.load(args.config, list(args.set))
+    choose_backend(cfg)
     from ich.steps import explain
 
-    cfg = config_mod.load(args.config, list(args.set))
     explain.explain_paths([Path(p) for p in args.paths], Path(args.model), Path(args.out), cfg,
                           every_label=args.every_label)
     return 0

@@ -169,8 +169,8 @@ def _run_from_features(model, x, features, tensors):
 
 def _to_float(images) -> np.ndarray:
     images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be (N, S, S, 3) RGB; got shape {images.shape}")
+    if images.ndim != 4:
+        raise ValueError(f"images must be (N, S, S, C) model inputs; got shape {images.shape}")
     return images.astype(np.float32) / 255.0 if images.dtype == np.uint8 else images.astype(np.float32)
 
 

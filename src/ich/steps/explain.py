@@ -27,18 +27,17 @@ EXPLANATIONS_CSV = "explanations.csv"
 
 def explain_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict,
                   every_label: bool = False) -> Path:
-    """Write overlays for every readable image under `paths`; return explanations.csv's path."""
+    """Write overlays for every readable image under `paths`; return explanations.csv's path.
+    The Keras backend must be chosen before this is called (the CLI does it)."""
     import pandas as pd
 
-    from ich.backend import select_backend
-
-    select_backend(cfg["train"]["backend"])  # before keras is imported
     from ich.config import resolve_workers
     from ich.constants import FAILURES_CSV
+    from ich.data.inputs import neighbour_rows
+    from ich.data.sources import decode_all, find_inputs
     from ich.errors import StepError
     from ich.evaluation.inference import load_cascade
     from ich.io import Timer, summary, write_csv
-    from ich.steps.predict import _windows, decode_all, find_inputs
 
     timer = Timer()
     out_dir = Path(out_dir)
@@ -48,26 +47,33 @@ def explain_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict,
         cascade = load_cascade(Path(run_dir))
     except ValueError as err:
         raise StepError(str(err)) from err
-    windows = _windows(cascade.meta, cfg)
-    images, ids, names = [], [], []
-    for path, image, info in decode_all(files, windows, cascade.image_size,
+    spec = cascade.spec
+    images, info_rows, names = [], [], []
+    for path, image, info in decode_all(files, spec.png_windows, spec.image_size,
                                         resolve_workers(cfg["predict"]["workers"])):
         if image is None:
             failures.append({"path": str(path), "reason": info["reason"]})
             log.warning("explain: skipped %s: %s", path, info["reason"])
             continue
         images.append(image)
-        ids.append(str(info["image_id"]))
+        info_rows.append(info)
         names.append(Path(path).name)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(pd.DataFrame(failures, columns=["path", "reason"]), out_dir / FAILURES_CSV)
     if not images:
         raise StepError(f"nothing to explain: no readable DICOM or RGB PNG among the inputs; "
                         f"reasons in {out_dir / FAILURES_CSV}")
-    stack = np.stack(images)
-    probs = cascade.predict(stack, batch_size=int(cfg["predict"]["batch_size"]))
-    thresholds = cascade.thresholds
-    rows = write_overlays(out_dir, cascade, stack, ids, names, probs, thresholds, every_label)
+    slices = np.stack(images)
+    table = pd.DataFrame(info_rows)
+    # The model's inputs, with neighbouring slices where the run uses them (as `ich predict`).
+    neighbours = (neighbour_rows(table.get("series_id", pd.Series([""] * len(table))),
+                                 table.get("position", pd.Series([np.nan] * len(table))), spec.offsets)
+                  if spec.has_context else np.arange(len(slices))[:, None])
+    inputs = spec.assemble(slices[neighbours])
+    probs = cascade.predict(inputs, batch_size=int(cfg["predict"]["batch_size"]))
+    ids = [str(r["image_id"]) for r in info_rows]
+    rows = write_overlays(out_dir, cascade, inputs, slices, ids, names, probs, cascade.thresholds,
+                          every_label)
     path = write_csv(pd.DataFrame(rows, columns=["image_id", "file", "label", "probability", "threshold",
                                                  "overlay", "peak_row", "peak_col"]),
                      out_dir / EXPLANATIONS_CSV)
@@ -76,9 +82,10 @@ def explain_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict,
     return path
 
 
-def write_overlays(out_dir: Path, cascade, images: np.ndarray, ids, names, probs: np.ndarray,
-                   thresholds: dict, every_label: bool = False) -> list[dict]:
-    """Compute the heatmaps each image needs, write the overlays, return the table rows."""
+def write_overlays(out_dir: Path, cascade, inputs: np.ndarray, slices: np.ndarray, ids, names,
+                   probs: np.ndarray, thresholds: dict, every_label: bool = False) -> list[dict]:
+    """Compute the heatmaps each input needs (`inputs`: the model's, `slices`: each target
+    slice's RGB windows, drawn under the heat), write the overlays, return the table rows."""
     import cv2
 
     from ich.constants import LABELS
@@ -87,13 +94,13 @@ def write_overlays(out_dir: Path, cascade, images: np.ndarray, ids, names, probs
 
     rows = []
     for j, label in enumerate(LABELS):
-        wanted = np.flatnonzero(np.ones(len(images), bool) if every_label else probs[:, j] >= thresholds[label])
+        wanted = np.flatnonzero(np.ones(len(inputs), bool) if every_label else probs[:, j] >= thresholds[label])
         if not len(wanted):
             continue
-        heats = label_heatmaps(cascade, images[wanted], label)
+        heats = label_heatmaps(cascade, inputs[wanted], label)
         for i, heat in zip(wanted, heats):
             name = f"{ids[i]}_{label}.png"
-            ok, data = cv2.imencode(".png", cv2.cvtColor(overlay(images[i], heat), cv2.COLOR_RGB2BGR))
+            ok, data = cv2.imencode(".png", cv2.cvtColor(overlay(slices[i], heat), cv2.COLOR_RGB2BGR))
             if ok:
                 atomic_write_bytes(Path(out_dir) / name, data.tobytes())
             r, c = peak(heat)
@@ -103,17 +110,18 @@ def write_overlays(out_dir: Path, cascade, images: np.ndarray, ids, names, probs
     return rows
 
 
-def label_heatmaps(cascade, images: np.ndarray, label: str) -> np.ndarray:
-    """Grad-CAM heatmaps (N, S, S) of one label: `any` from stage 1, a subtype from its column
-    of stage 2 (p(subtype | any): where the model sees that kind of blood)."""
-    from ich.constants import SUBTYPES
+def label_heatmaps(cascade, inputs: np.ndarray, label: str) -> np.ndarray:
+    """Grad-CAM heatmaps (N, S, S) of one label from the stage that predicts it (cascade.json's
+    stage list): `any` from stage 1, a subtype from its column of stage 2 (p(subtype | any):
+    where the model sees that kind of blood)."""
     from ich.evaluation.explain import gradcam
     from ich.evaluation.inference import to_model_input
 
-    x = to_model_input(np.asarray(images), cascade.image_size)
-    if label == "any":
-        return gradcam(cascade.stage1, x, 0)
-    return gradcam(cascade.stage2, x, SUBTYPES.index(label))
+    for stage in cascade.meta["stages"]:
+        if label in stage["labels"]:
+            x = to_model_input(np.asarray(inputs), cascade.image_size)
+            return gradcam(cascade.models[stage["name"]], x, list(stage["labels"]).index(label))
+    raise ValueError(f"no stage of the cascade predicts {label!r}")
 
 
 def _refuse_run_dir(out_dir: Path, run_dir: Path) -> None:
