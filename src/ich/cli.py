@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ich import backend
 from ich import config as config_mod
-from ich.constants import RESOLVED_CONFIG, STEPS
+from ich.constants import EXTERNAL_DATASETS, RESOLVED_CONFIG, STEPS
 from ich.errors import StepError  # noqa: F401  (re-exported: steps raise ich.cli.StepError)
 
 log = logging.getLogger("ich")
@@ -55,9 +55,26 @@ def run_step(name: str, cfg: dict, force: bool = False) -> Path:
 
 
 def _cmd_step(args) -> int:
+    if getattr(args, "dataset", None):
+        return _cmd_evaluate_external(args)
+    if args.config is None:
+        raise StepError(f"ich {args.command} needs --config (or, for external data, --dataset with "
+                        "--model, --data and --out)")
     cfg = config_mod.load(args.config, args.set)
     choose_backend(cfg)
     run_step(args.command, cfg, force=args.force)
+    return 0
+
+
+def _cmd_evaluate_external(args) -> int:
+    missing = [f"--{k}" for k in ("model", "data", "out") if not getattr(args, k)]
+    if missing:
+        raise StepError(f"ich evaluate --dataset {args.dataset} needs {' '.join(missing)}")
+    cfg = config_mod.load(args.config, list(args.set))
+    choose_backend(cfg)
+    from ich.steps.evaluate_external import run_external
+
+    run_external(Path(args.model), args.dataset, Path(args.data), Path(args.out), cfg)
     return 0
 
 
@@ -121,13 +138,20 @@ def _build_parser() -> argparse.ArgumentParser:
         "split": "patient-grouped, label-stratified train/val/test -> splits.csv",
         "augment": "offline augmentation of the training split -> work/augmented/",
         "train": "train the two-stage cascade -> run_dir/stage1.keras, stage2.keras, cascade.json",
-        "evaluate": "test-split metrics, plots and report.md -> run_dir/eval/",
+        "evaluate": "test-split metrics, plots, report.md and report.html -> run_dir/eval/; or, with "
+                    "--dataset, a run on external data -> --out",
     }
     for name in STEPS:
         p = sub.add_parser(name, help=helps[name])
-        _add_config_args(p)
+        _add_config_args(p, required=name != "evaluate")
         p.add_argument("--force", action="store_true", help="redo the step even if its outputs are complete")
         p.set_defaults(func=_cmd_step)
+        if name == "evaluate":
+            p.add_argument("--dataset", choices=EXTERNAL_DATASETS,
+                           help="external data never used in training: cq500 | rsna | table (needs --model, --data, --out)")
+            p.add_argument("--model", help="with --dataset: the run directory to evaluate (never written to)")
+            p.add_argument("--data", help="with --dataset: the CQ500 folder, the RSNA-format folder, or the table CSV")
+            p.add_argument("--out", help="with --dataset: output folder for metrics.json, studies.csv, report.html")
 
     p = sub.add_parser("run", help="run several steps in order, skipping finished ones")
     _add_config_args(p)

@@ -44,11 +44,11 @@ from typing import Iterable
 import numpy as np
 import pandas as pd
 
-from ich.constants import LABELS
+from ich.constants import EXTERNAL_DATASETS, LABELS
 
 log = logging.getLogger("ich")
 
-DATASETS = ("cq500", "rsna", "table")
+DATASETS = EXTERNAL_DATASETS
 READS_CSV = "reads.csv"
 # The RSNA 2019 slices are about 5 mm thick: the series closest to it matches training best.
 TARGET_THICKNESS_MM = 5.0
@@ -219,7 +219,9 @@ def choose_files(headers: list[dict], study_of: dict[str, str], select: bool = T
         for series_id, reason in reasons.items():
             members = [r for r in rows if r.get("series_id", "") == series_id]
             series.append({"study": study, "series_id": series_id,
-                           "description": members[0].get("series_description", ""),
+                           # CQ500 names each series' folder after its description.
+                           "description": (members[0].get("series_description")
+                                           or Path(members[0]["path"]).parent.name),
                            "n_images": len(members), "chosen": series_id == chosen or not select,
                            "reason": reason})
         if select and chosen is None:
