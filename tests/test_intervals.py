@@ -201,3 +201,15 @@ def test_evaluate_table_scores_each_label_on_its_known_rows():
     assert m["labels"]["subdural"]["roc_auc"] == pytest.approx(1.0)
     assert m["labels"]["any"]["roc_auc_ci"] is None
     assert m["overall"]["rsna_weighted_log_loss"] is None
+
+
+def test_calibration_effect_per_label():
+    rng = np.random.default_rng(5)
+    y = (rng.random((600, 2)) < 0.2).astype(float)
+    p = 1 / (1 + np.exp(-(np.where(y == 1, 1.0, -1.0) + rng.normal(0, 1, y.shape) + 2)))
+    effect = calibration.calibration_effect(y[:300], p[:300], y[300:], p[300:], "platt", ["any", "subdural"])
+    for j, label in enumerate(["any", "subdural"]):
+        assert effect[label]["method"] == "platt"
+        assert effect[label]["ece"] < calibration.expected_calibration_error(y[300:, j], p[300:, j])
+        # Platt scaling is monotone increasing: the AUC is unchanged.
+        assert effect[label]["roc_auc"] == pytest.approx(roc_auc_score(y[300:, j], p[300:, j]))

@@ -49,7 +49,8 @@ th,td{border:1px solid #ddd;padding:4px 8px;text-align:right}th{background:#f4f4
 td:first-child,th:first-child{text-align:left}
 .disclaimer{background:#fff3cd;border:1px solid #e0c36a;padding:10px 14px;font-weight:600}
 img{max-width:100%;height:auto}.muted{color:#666}.examples{display:flex;flex-wrap:wrap;gap:12px}
-figure{margin:0;width:270px}figcaption{font-size:0.8em;font-family:monospace}
+figure{margin:0;width:260px}figure img{width:256px;height:256px;image-rendering:pixelated}
+figcaption{font-size:0.8em;font-family:monospace}table.card td{text-align:left}
 """
 
 
@@ -119,7 +120,8 @@ def render_html(report: Report) -> str:
     parts.append(_studies(report))
     parts.append(_gradcam(report))
     parts.append('<section id="model-card"><h2>Model card</h2>'
-                 + _table(["item", "value"], [[k, v] for k, v in report.model_card.items()]) + "</section>")
+                 + _table(["item", "value"], [[k, v] for k, v in report.model_card.items()], cls="card")
+                 + "</section>")
     parts.append('<section id="notes"><h2>Notes</h2><ul>'
                  + "".join(f"<li>{_e(n)}</li>" for n in report.notes) + "</ul></section>")
     body = "\n".join(parts)
@@ -214,8 +216,7 @@ def _gradcam(report: Report) -> str:
     if not report.examples:
         body = "<p>No Grad-CAM examples were made for this report.</p>"
     else:
-        body = ('<p>Input window with the Grad-CAM heatmap (red = most evidence) for each label '
-                'at or above its threshold.</p><div class="examples">'
+XX
                 + "".join(f'<figure><img alt="{_e(x.caption)}" src="data:image/png;base64,'
                           f'{base64.b64encode(x.png).decode()}"><figcaption>{_e(x.caption)}</figcaption></figure>'
                           for x in report.examples) + "</div>")
@@ -314,7 +315,8 @@ def plot_confusion(level: Level) -> Figure:
 def png_bytes(fig: Figure) -> bytes:
     """A figure as PNG bytes."""
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, bbox_inches="tight")
+    # No bbox_inches="tight": the constrained layout already fits, and the extra pass doubles the time.
+    fig.savefig(buf, format="png", dpi=DPI)
     return buf.getvalue()
 
 
@@ -335,11 +337,12 @@ def _img(fig: Figure, alt: str) -> str:
     return f'<p><img alt="{_e(alt)}" src="data:image/png;base64,{base64.b64encode(png_bytes(fig)).decode()}"></p>'
 
 
-def _table(headers, rows, raw: bool = False) -> str:
+def _table(headers, rows, raw: bool = False, cls: str = "") -> str:
     cell = (lambda v: str(v)) if raw else (lambda v: _e(str(v)))
     head = "".join(f"<th>{_e(h)}</th>" for h in headers)
     body = "".join("<tr>" + "".join(f"<td>{cell(v)}</td>" for v in row) + "</tr>" for row in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    attr = f' class="{cls}"' if cls else ""
+    return f"<table{attr}><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def _ci(m: Mapping, key: str) -> str:
