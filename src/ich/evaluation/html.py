@@ -216,7 +216,8 @@ def _gradcam(report: Report) -> str:
     if not report.examples:
         body = "<p>No Grad-CAM examples were made for this report.</p>"
     else:
-XX
+        body = ('<p>The blood window in grey with the Grad-CAM heatmap on top (red = most '
+                'evidence) for the label in each caption.</p><div class="examples">'
                 + "".join(f'<figure><img alt="{_e(x.caption)}" src="data:image/png;base64,'
                           f'{base64.b64encode(x.png).decode()}"><figcaption>{_e(x.caption)}</figcaption></figure>'
                           for x in report.examples) + "</div>")
