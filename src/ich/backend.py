@@ -172,3 +172,45 @@ def run_saved_model(path, images):
     import tensorflow as tf
 
     return np.asarray(tf.saved_model.load(str(path)).serve(tf.constant(images)))
+
+
+def gradients(fn, inputs: list) -> tuple[float, list]:
+    """Value and gradients of a scalar function of arrays, on the active backend.
+
+    In: `fn(tensors) -> scalar tensor`, taking a list of backend tensors (built from `inputs`,
+    a list of NumPy arrays) and using Keras layers or keras.ops; out: (the value as a float,
+    [d value / d input as a NumPy array of the input's shape, one per input]). Used by
+    Grad-CAM (ich.evaluation.explain): each backend differentiates in its own way (torch's
+    autograd, jax.grad, TensorFlow's GradientTape), and this is the one place that knows how.
+    """
+    import numpy as np
+
+    name = current()
+    if name == "torch":
+        import keras
+        import torch
+
+        tensors = [keras.ops.convert_to_tensor(np.asarray(a)).detach().requires_grad_(True) for a in inputs]
+        value = fn(tensors)
+        grads = torch.autograd.grad(value, tensors, allow_unused=True)
+        return float(value.detach().cpu()), [
+            np.zeros_like(np.asarray(a)) if g is None else g.detach().cpu().numpy()
+            for a, g in zip(inputs, grads)]
+    if name == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        value, grads = jax.value_and_grad(fn)([jnp.asarray(a) for a in inputs])
+        return float(value), [np.asarray(g) for g in grads]
+    if name == "tensorflow":
+        import tensorflow as tf
+
+        tensors = [tf.convert_to_tensor(np.asarray(a)) for a in inputs]
+        with tf.GradientTape() as tape:
+            for t in tensors:
+                tape.watch(t)
+            value = fn(tensors)
+        grads = tape.gradient(value, tensors)
+        return float(value.numpy()), [np.zeros_like(np.asarray(a)) if g is None else g.numpy()
+                                      for a, g in zip(inputs, grads)]
+    raise ValueError(f"gradients: unsupported backend {name!r}; valid: {list(BACKENDS)}")

@@ -22,7 +22,7 @@ from pathlib import Path
 from ich import __version__, backend
 from ich import config as config_mod
 from ich import provenance, tracking
-from ich.constants import MODEL_SUFFIX, RESOLVED_CONFIG, STEPS
+from ich.constants import EXTERNAL_DATASETS, MODEL_SUFFIX, RESOLVED_CONFIG, STEPS
 from ich.errors import StepError  # noqa: F401  (re-exported: steps raise ich.cli.StepError)
 from ich.locks import LockError, hold
 
@@ -120,9 +120,23 @@ def _flag_overrides(args) -> list[str]:
 
 
 def _cmd_step(args) -> int:
+    if getattr(args, "dataset", None):
+        return _cmd_evaluate_external(args)
     cfg = config_mod.load(args.config, [*args.set, *_flag_overrides(args)])
     choose_backend(cfg)
     run_step(args.command, cfg, force=args.force)
+    return 0
+
+
+def _cmd_evaluate_external(args) -> int:
+    missing = [f"--{k}" for k in ("model", "data", "out") if not getattr(args, k)]
+    if missing:
+        raise StepError(f"ich evaluate --dataset {args.dataset} needs {' '.join(missing)}")
+    cfg = config_mod.load(args.config, list(args.set))
+    choose_backend(cfg)
+    from ich.steps.evaluate_external import run_external
+
+    run_external(Path(args.model), args.dataset, Path(args.data), Path(args.out), cfg)
     return 0
 
 
@@ -145,7 +159,7 @@ def _cmd_synth(args) -> int:
     from ich.synth import generate
 
     generate(Path(args.out_dir), patients=args.patients, slices=args.slices, seed=args.seed,
-             workers=args.workers, size=args.size)
+             workers=args.workers, size=args.size, masks=args.masks)
     return 0
 
 
@@ -159,6 +173,16 @@ def _cmd_predict(args) -> int:
 
     with hold(Path(args.out), "predict output folder"):
         predict.predict_paths([Path(p) for p in args.paths], Path(args.model), Path(args.out), cfg)
+    return 0
+
+
+def _cmd_explain(args) -> int:
+    cfg = config_mod.load(args.config, list(args.set))
+    choose_backend(cfg)
+    from ich.steps import explain
+
+    explain.explain_paths([Path(p) for p in args.paths], Path(args.model), Path(args.out), cfg,
+                          every_label=args.every_label)
     return 0
 
 
@@ -216,7 +240,8 @@ def _build_parser() -> argparse.ArgumentParser:
         "split": "patient-grouped, label-stratified train/val/test -> splits.csv",
         "augment": "offline augmentation of the training split -> work/augmented/",
         "train": "train the two-stage cascade -> run_dir/stage1.keras, stage2.keras, cascade.json",
-        "evaluate": "test-split metrics, plots and report.md -> run_dir/eval/",
+        "evaluate": "test-split metrics, plots, report.md and report.html -> run_dir/eval/; or, with "
+                    "--dataset, a run on external data -> --out",
     }
     for name in STEPS:
         p = sub.add_parser(name, help=helps[name])
@@ -225,6 +250,12 @@ def _build_parser() -> argparse.ArgumentParser:
         if name == "preprocess":
             _add_retry_arg(p)
         p.set_defaults(func=_cmd_step)
+        if name == "evaluate":
+            p.add_argument("--dataset", choices=EXTERNAL_DATASETS,
+                           help="external data never used in training: cq500 | rsna | table (needs --model, --data, --out)")
+            p.add_argument("--model", help="with --dataset: the run directory to evaluate (never written to)")
+            p.add_argument("--data", help="with --dataset: the CQ500 folder, the RSNA-format folder, or the table CSV")
+            p.add_argument("--out", help="with --dataset: output folder for metrics.json, studies.csv, report.html")
 
     p = sub.add_parser("run", help="run several steps in order, skipping finished ones")
     _add_config_args(p)
@@ -243,6 +274,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same files")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (RSNA: 512)")
     p.add_argument("--workers", default="auto", help="processes; auto = all cores")
+    p.add_argument("--masks", action="store_true",
+                   help="also write OUT_DIR/masks/<image_id>.png: each slice's blood mask (bit i = SUBTYPES[i])")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("predict", help="predict DICOM files, folders of them, or PNGs")
@@ -275,6 +308,15 @@ def _build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_cmd_config_init)
     q = config_sub.add_parser("schema", help="print the config's JSON Schema (for editors' completion and checks)")
     q.set_defaults(func=_cmd_config_schema)
+
+    p = sub.add_parser("explain", help="Grad-CAM overlays for DICOM files, folders or PNGs")
+    p.add_argument("paths", nargs="+", help="DICOM or PNG files, or folders of them")
+    p.add_argument("--model", required=True, help="run directory holding the stages and cascade.json")
+    p.add_argument("--out", required=True, help="output folder for <image_id>_<label>.png and explanations.csv")
+    p.add_argument("--every-label", action="store_true",
+                   help="an overlay for all six labels, not only those at or above their threshold")
+    _add_config_args(p)
+    p.set_defaults(func=_cmd_explain)
     return parser
 
 

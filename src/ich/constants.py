@@ -46,3 +46,6 @@ BACKENDS = ("torch", "jax", "tensorflow")
 
 # Pipeline order for `ich run`.
 STEPS = ("sample", "copy", "preprocess", "split", "augment", "train", "evaluate")
+
+# External data sets `ich evaluate --dataset NAME` reads (ich.data.datasets).
+EXTERNAL_DATASETS = ("cq500", "rsna", "table")

@@ -178,6 +178,8 @@ class Train(Section):
 class Evaluate(Section):
     threshold_method: Literal["youden", "f1"]
     report_examples: Count
+    bootstrap: Count
+    calibration: Literal["none", "platt", "isotonic"]
 
 
 class Predict(Section):

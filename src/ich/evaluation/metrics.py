@@ -1,8 +1,15 @@
-"""Classification metrics of the cascade: per-label thresholds, per-label metrics, the RSNA score.
+"""Classification metrics of the cascade: per-label thresholds, per-label metrics, the RSNA score,
+and (with `evaluate_all(..., groups=, bootstrap=)` or `evaluate_table`) what a paper reports:
+95% intervals, operating points and calibration.
 
 In: `y_true` 0/1 and `y_prob` probabilities, one column per label in LABELS order (or one
 label's vectors). Out: plain floats and dicts of floats/ints/None, ready for JSON. Pure
 functions on arrays; nothing here reads or writes files.
+
+Intervals (ich.evaluation.intervals): `<metric>_ci: [low, high]` beside each value is the
+percentile interval of a bootstrap that resamples patients (`groups`), seeded, the same
+replicates for every label; `roc_auc_ci_delong` is DeLong's interval, which treats rows as
+independent (right for one study per patient, too narrow for slices of one patient).
 
 Conventions (the same as scikit-learn's, so the numbers agree with it):
 - A prediction is positive when `prob >= threshold`.
@@ -32,6 +39,8 @@ RSNA_WEIGHTS = np.array([2.0, 1.0, 1.0, 1.0, 1.0, 1.0])
 # Probabilities are clipped to [eps, 1 - eps] before the log, as Kaggle's log loss does, so
 # one confident mistake costs log(1e15) = 34.5 instead of infinity.
 LOG_LOSS_EPS = 1e-15
+# Coverage of every interval reported.
+CONFIDENCE = 0.95
 
 
 def choose_threshold(y_true, y_prob, method: str = "youden") -> float:
@@ -114,18 +123,27 @@ def rsna_weighted_log_loss(y_true, y_prob) -> float:
     return float(np.sum(bce * RSNA_WEIGHTS) / (len(y_true) * RSNA_WEIGHTS.sum()))
 
 
-def evaluate_all(y_true, y_prob, thresholds: Mapping[str, float]) -> dict:
+def evaluate_all(y_true, y_prob, thresholds: Mapping[str, float], *, groups=None,
+                 bootstrap: int = 0, seed: int = 0, confidence: float = CONFIDENCE) -> dict:
     """Every metric of the six labels, in the shape metrics.json is written in.
 
     In: `y_true` 0/1 and `y_prob` (N, 6) in LABELS order; `thresholds` {label: threshold}.
     Out: {"labels": {label: label_metrics(...)}, "overall": {"macro_roc_auc", "macro_pr_auc",
     "macro_f1", "rsna_weighted_log_loss", "n_images"}}. Macro AUCs average the labels whose
     AUC is defined (None when none is).
+    With `groups` (a patient id per row) each label also gets `extended_metrics` (operating
+    points, calibration, DeLong's AUC interval, prevalence) and, when `bootstrap` > 0, the
+    `<metric>_ci` intervals of that many patient-resampling replicates drawn from `seed`;
+    overall then records the bootstrap's settings.
     """
     y_true, y_prob = _check_matrix(y_true, y_prob)
     missing = [label for label in LABELS if label not in thresholds]
     if missing:
         raise ValueError(f"evaluate_all: no threshold for {missing}")
+    if groups is not None:
+        return evaluate_table(y_true, y_prob, thresholds, groups, labels=LABELS,
+                              bootstrap=bootstrap, seed=seed, confidence=confidence,
+                              count_name="n_images")
     per_label = {label: label_metrics(y_true[:, j], y_prob[:, j], thresholds[label])
                  for j, label in enumerate(LABELS)}
     return {
@@ -136,6 +154,81 @@ def evaluate_all(y_true, y_prob, thresholds: Mapping[str, float]) -> dict:
             "macro_f1": _mean_defined(m["f1"] for m in per_label.values()),
             "rsna_weighted_log_loss": rsna_weighted_log_loss(y_true, y_prob),
             "n_images": int(len(y_true)),
+        },
+    }
+
+
+def extended_metrics(y_true, y_prob, threshold: float, weights: np.ndarray | None = None,
+                     confidence: float = CONFIDENCE) -> dict:
+    """`label_metrics` of one label plus what a paper reports: sensitivity (= recall),
+    prevalence and n, the operating points of ich.evaluation.operating, brier, ece and the
+    reliability bins of ich.evaluation.calibration, `roc_auc_ci_delong`, and with bootstrap
+    `weights` (B, N) from intervals.bootstrap_weights a `<metric>_ci` beside every metric the
+    bootstrap covers (None where it is undefined in most replicates)."""
+    from ich.evaluation.calibration import calibration_summary
+    from ich.evaluation.intervals import bootstrap_ci, delong_ci, metric_names
+    from ich.evaluation.operating import operating_points
+
+    y_true, y_prob = _check_vectors(y_true, y_prob)
+    out = label_metrics(y_true, y_prob, threshold)
+    out["sensitivity"] = out["recall"]
+    out["n"] = int(len(y_true))
+    out["prevalence"] = float(y_true.mean()) if len(y_true) else None
+    out.update(operating_points(y_true, y_prob))
+    out.update(calibration_summary(y_true, y_prob))
+    out["roc_auc_ci_delong"] = delong_ci(y_true, y_prob, confidence)["ci"]
+    if weights is not None and len(weights):
+        intervals = bootstrap_ci(y_true, y_prob, None, threshold, weights=weights, confidence=confidence)
+    else:
+        intervals = {name: None for name in metric_names()}
+    for name, interval in intervals.items():
+        out[f"{name}_ci"] = interval
+    return out
+
+
+def evaluate_table(y_true, y_prob, thresholds: Mapping[str, float], groups, *,
+                   labels=LABELS, bootstrap: int = 0, seed: int = 0,
+                   confidence: float = CONFIDENCE, count_name: str = "n") -> dict:
+    """`extended_metrics` for each of `labels`, where some truth may be missing.
+
+    In: `y_true` (N, len(labels)) float with NaN where a row has no truth for a label (an
+    external table may label only some subtypes, or only some rows), `y_prob` (N, len(labels)),
+    `thresholds` {label: t}, `groups` a patient (or study) id per row: the bootstrap's unit.
+    Each label is scored on its rows with truth; all labels share the replicates.
+    Out: {"labels": {label: ...}, "overall": {macro_roc_auc, macro_pr_auc, macro_f1,
+    rsna_weighted_log_loss (only when all six labels are scored, on rows with all six),
+    count_name: N, "prevalence": {label: p}, "bootstrap": {"replicates", "seed", "unit",
+    "confidence", "groups"}}}.
+    """
+    from ich.evaluation.intervals import bootstrap_weights
+
+    labels = list(labels)
+    y_true = np.asarray(y_true, dtype=np.float64).reshape(len(y_prob), len(labels))
+    y_prob = np.asarray(y_prob, dtype=np.float64).reshape(len(y_prob), len(labels))
+    groups = np.asarray(groups).astype(str)
+    if len(groups) != len(y_prob):
+        raise ValueError(f"{len(groups)} group ids for {len(y_prob)} rows")
+    weights = bootstrap_weights(groups, bootstrap, seed) if bootstrap > 0 else None
+    per_label = {}
+    for j, label in enumerate(labels):
+        known = np.isfinite(y_true[:, j])
+        w = weights[:, known] if weights is not None else None
+        per_label[label] = extended_metrics(y_true[known, j].astype(int), y_prob[known, j],
+                                            thresholds[label], w, confidence)
+    complete = np.isfinite(y_true).all(axis=1)
+    log_loss = (rsna_weighted_log_loss(y_true[complete], y_prob[complete])
+                if labels == list(LABELS) and complete.any() else None)
+    return {
+        "labels": per_label,
+        "overall": {
+            "macro_roc_auc": _mean_defined(m["roc_auc"] for m in per_label.values()),
+            "macro_pr_auc": _mean_defined(m["pr_auc"] for m in per_label.values()),
+            "macro_f1": _mean_defined(m["f1"] for m in per_label.values()),
+            "rsna_weighted_log_loss": log_loss,
+            count_name: int(len(y_prob)),
+            "prevalence": {label: m["prevalence"] for label, m in per_label.items()},
+            "bootstrap": {"replicates": int(bootstrap), "seed": int(seed), "unit": "patient",
+                          "confidence": confidence, "groups": int(len(np.unique(groups)))},
         },
     }
 

@@ -7,7 +7,12 @@ predict.batch_size). Out, in run_dir/eval/ only: metrics.json (ich.evaluation.me
 evaluate_all shape, plus the thresholds used and where they came from), predictions.csv
 (image_id and one probability column per label), test_labels.csv (image_id and the true 0/1
 labels), studies.csv (per test study: its slices' maximum probability and label, and
-metrics.json's "studies" section from it), report.md with its plots.
+metrics.json's "studies" section from it), report.md with its plots, and report.html (the
+self-contained report of ich.evaluation.html: CIs, bands, calibration, Grad-CAM, model card).
+Every label's metrics carry the paper set of ich.evaluation.metrics.extended_metrics: 95%
+intervals of an evaluate.bootstrap-replicate bootstrap over patients (seeded by `seed`),
+DeLong's AUC interval, operating points, Brier, ECE and reliability bins; with
+evaluate.calibration platt or isotonic, a calibrator fitted on val and its effect on test.
 
 The thresholds are the run's (chosen on val when training ended, in cascade.json); when
 evaluate.threshold_method differs from the method they were chosen with, evaluate chooses its
@@ -29,12 +34,14 @@ from ich.constants import (AUGMENTED_CSV, CASCADE_JSON, EVAL_DIR, HISTORY_DIR, L
 from ich.data.labels import label_counts
 from ich.data.loading import load_split
 from ich.errors import StepError
+from ich.evaluation.calibration import calibration_effect
 from ich.evaluation.cascade_file import check_finite, read_cascade_json
 from ich.evaluation.inference import load_cascade, predict_split
 from ich.evaluation.metrics import choose_threshold, evaluate_all
 from ich.evaluation.studies import aggregate_studies
 from ich.evaluation.report import fmt, pick_examples, write_report
 from ich.io import Timer, summary, write_csv, write_json
+from ich.steps.evaluate_external import REPORT_HTML, write_html_report
 from ich.stamps import Stamp, reason, record, record_path
 
 log = logging.getLogger("ich")
@@ -90,11 +97,15 @@ def run(cfg: dict, force: bool = False) -> Path:
         raise StepError(str(err)) from err
     method = cfg["evaluate"]["threshold_method"]
     thresholds, source = cascade.thresholds, f"the run ({CASCADE_JSON}, chosen on val)"
-    if cascade.meta.get("threshold_method") != method:
+    calibration = cfg["evaluate"]["calibration"]
+    val_true = val_prob = None
+    if cascade.meta.get("threshold_method") != method or calibration != "none":
         val = load_split(work_dir, "val", cascade.spec, cfg["data"]["cache"], workers)
         if len(val.targets):
             val_prob = predict_split(cascade, val, batch_size, "val")
             val_true = val.table.iloc[val.targets][list(LABELS)].to_numpy()
+    if cascade.meta.get("threshold_method") != method:
+        if val_prob is not None:
             thresholds = {label: choose_threshold(val_true[:, j], val_prob[:, j], method)
                           for j, label in enumerate(LABELS)}
             source = "this evaluation, chosen on val"
@@ -103,13 +114,25 @@ def run(cfg: dict, force: bool = False) -> Path:
                      cascade.meta.get("threshold_method"), method)
 
     test_true = test_table[list(LABELS)].to_numpy()
-    metrics = evaluate_all(test_true, test_prob, thresholds)
+    bootstrap, seed = int(cfg["evaluate"]["bootstrap"]), int(cfg["seed"])
+    test_table["patient_id"] = patient_ids(work_dir, test_table)
+    patients = test_table["patient_id"].to_numpy()
+    metrics = evaluate_all(test_true, test_prob, thresholds, groups=patients, bootstrap=bootstrap, seed=seed)
     metrics["thresholds"] = {"values": {k: float(v) for k, v in thresholds.items()},
                              "method": method, "source": source}
+    if calibration != "none" and val_prob is not None:
+        for label, effect in calibration_effect(val_true, val_prob, test_true, test_prob, calibration,
+                                                LABELS).items():
+            metrics["labels"][label]["calibrated"] = effect
     studies = study_results(test_table, test_prob)
+    levels = {"test images": (test_true.astype(float), test_prob, patients, list(LABELS))}
     if len(studies):
         truth = studies[[f"{label}{TRUE_SUFFIX}" for label in LABELS]].to_numpy()
-        metrics["studies"] = evaluate_all(truth, studies[list(LABELS)].to_numpy(), thresholds)
+        study_patients = studies["study_id"].map(
+            test_table.drop_duplicates("study_id").set_index("study_id")["patient_id"]).astype(str).to_numpy()
+        metrics["studies"] = evaluate_all(truth, studies[list(LABELS)].to_numpy(), thresholds,
+                                          groups=study_patients, bootstrap=bootstrap, seed=seed)
+        levels["studies"] = (truth.astype(float), studies[list(LABELS)].to_numpy(), study_patients, list(LABELS))
         write_csv(studies, eval_dir / STUDIES_CSV)
     ids = test_table["image_id"].astype(str)
     write_csv(pd.concat([ids, pd.DataFrame(test_prob, columns=list(LABELS))], axis=1),
@@ -125,6 +148,16 @@ def run(cfg: dict, force: bool = False) -> Path:
                  example_images=examples, example_ids=[ids[i] for i in rows], example_rows=rows,
                  data_counts=data_counts(work_dir), threshold_method=method,
                  settings=settings(cfg, cascade.meta, run_dir))
+    html_metrics = {"test images": metrics, **({"studies": metrics["studies"]} if "studies" in metrics else {})}
+    write_html_report(eval_dir / REPORT_HTML, cascade, run_dir, html_metrics, levels, bootstrap, seed,
+                      title="Intracranial hemorrhage detection: evaluation report",
+                      test_set=test_set_text(test_table, len(studies)),
+                      examples=gradcam_examples(cascade, test, rows, ids, test_prob),
+                      notes=["Thresholds: " + source + f", by {method}.",
+                             "Subtype probabilities are p(any) x p(subtype | any).",
+                             "The test split is drawn from the seed's balanced sample, so its "
+                             "prevalence is far above that of real scans (see the prevalence table): "
+                             "precision, F1 and calibration here do not carry over to natural prevalence."])
     # metrics.json last: it marks the evaluation complete.
     write_json(metrics, metrics_path)
     record(stamp)
@@ -136,6 +169,54 @@ def run(cfg: dict, force: bool = False) -> Path:
             f"RSNA log loss {overall['rsna_weighted_log_loss']:.4f}, report {eval_dir / REPORT_MD}",
             len(test_table), "images", timer)
     return metrics_path
+
+
+def patient_ids(work_dir: Path, table: pd.DataFrame) -> np.ndarray:
+    """The bootstrap's unit per row of a split table: patient_id from splits.csv, else the
+    study, else the image itself (str array)."""
+    splits = pd.read_csv(Path(work_dir) / SPLITS_CSV, dtype=str)
+    by_image = (splits.drop_duplicates("image_id").set_index("image_id")["patient_id"]
+                if "patient_id" in splits.columns else pd.Series(dtype=str))
+    patient = table["image_id"].astype(str).map(by_image)
+    study = table["study_id"].astype(str).where(table["study_id"].astype(str) != "")
+    return patient.fillna(study).fillna(table["image_id"].astype(str)).astype(str).to_numpy()
+
+
+def test_set_text(table: pd.DataFrame, n_studies: int) -> str:
+    """One sentence on the test set for report.html: its size and `any` prevalence."""
+    share = float(table["any"].mean()) if len(table) else float("nan")
+    return (f"Test split: {len(table)} images of {table['patient_id'].nunique()} patients "
+            f"({n_studies} studies); {100 * share:.1f}% of images positive for any hemorrhage.")
+
+
+def gradcam_examples(cascade, test, rows: list[int], ids, probs: np.ndarray) -> list:
+    """report.html's Grad-CAM overlays: for each example test image, the heatmap of every label
+    at or above its threshold (of `any` when none is)."""
+    import cv2
+
+    from ich.evaluation.explain import overlay
+    from ich.evaluation.html import Example
+    from ich.steps.explain import label_heatmaps
+
+    if not rows:
+        return []
+    spec = cascade.spec
+    centre = list(spec.offsets).index(0)
+    targets = test.targets[rows]
+    stacks = np.stack([np.asarray(test.images[test.neighbours[t]]) for t in targets])
+    inputs, slices = spec.assemble(stacks), stacks[:, centre]
+    out = []
+    for j, label in enumerate(LABELS):
+        chosen = [k for k, r in enumerate(rows) if probs[r, j] >= cascade.thresholds[label]
+                  or (label == "any" and not any(probs[r, i] >= cascade.thresholds[lb]
+                                                 for i, lb in enumerate(LABELS)))]
+        if not chosen:
+            continue
+        for k, heat in zip(chosen, label_heatmaps(cascade, inputs[chosen], label)):
+            ok, data = cv2.imencode(".png", cv2.cvtColor(overlay(slices[k], heat), cv2.COLOR_RGB2BGR))
+            if ok:
+                out.append(Example(data.tobytes(), f"{ids[rows[k]]} {label} p={probs[rows[k], j]:.3f}"))
+    return out
 
 
 def study_results(table: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:

@@ -5,6 +5,9 @@ In: a number of patients, slices per study, a seed (and the image size). Out, un
   stage_2_train.csv              ID,Label; six rows per image in RSNA order, a few duplicates
   truth.csv                      image_id, patient/study/series, position, storage, labels:
                                  for tests and inspection only, the pipeline never reads it
+  masks/ID_<9 hex>.png           with masks=True (`ich synth --masks`): uint8, the slice's
+                                 pixel grid, bit i set where the blood of SUBTYPES[i] shows
+                                 (for checking where explanations point; never read by steps)
 Every later step treats OUT_DIR exactly like the real data set.
 
 Determinism: a plan drawn from the seed fixes ids, subtypes per patient and storage variants;
@@ -34,6 +37,7 @@ log = logging.getLogger("ich")
 IMAGE_DIR = "stage_2_train"
 LABELS_CSV = "stage_2_train.csv"
 TRUTH_CSV = "truth.csv"
+MASK_DIR = "masks"
 SECOND_STUDY_FRACTION = 0.15     # patients scanned twice (RSNA patients have up to 15 studies)
 NONSQUARE_FRACTION = 0.07
 DUPLICATE_EVERY = 250            # one image block listed twice per this many images (at least one)
@@ -119,8 +123,10 @@ def _media_uid(rng: np.random.Generator, prefix: str) -> str:
     return f"{prefix}{int(rng.integers(1, 10))}{digits}"
 
 
-def write_patient(plan: PatientPlan, slices: int, size: int, image_dir: Path) -> list[dict]:
-    """Render and write all slices of one patient; return their truth rows."""
+def write_patient(plan: PatientPlan, slices: int, size: int, image_dir: Path,
+                  mask_dir: Path | None = None) -> list[dict]:
+    """Render and write all slices of one patient (and, with `mask_dir`, each slice's blood
+    mask as <image_id>.png there); return their truth rows."""
     rows = []
     uid_rng = np.random.default_rng(np.random.SeedSequence(plan.seed, spawn_key=(plan.index, 1)))
     for study, scan in simulate_patient(plan, slices, size):
@@ -133,6 +139,8 @@ def write_patient(plan: PatientPlan, slices: int, size: int, image_dir: Path) ->
                              _media_uid(uid_rng, prefix), position, g.orientation, g.spacing)
             write(build_dataset(encode(scan.hu[k], study.storage), study.storage, tags),
                   image_dir / f"{image_id}.dcm")
+            if mask_dir is not None:
+                _write_mask(scan.masks[k], mask_dir / f"{image_id}.png")
             subtype = dict(zip(SUBTYPES, scan.labels[k].tolist()))
             row = {"image_id": image_id, "patient_id": plan.patient_id,
                    "study_id": study.study_id, "series_id": study.series_id, "slice": k,
@@ -143,6 +151,17 @@ def write_patient(plan: PatientPlan, slices: int, size: int, image_dir: Path) ->
                         for label in LABELS})
             rows.append(row)
     return rows
+
+
+def _write_mask(mask: np.ndarray, path: Path) -> None:
+    import cv2
+
+    from ich.io import atomic_write_bytes
+
+    ok, data = cv2.imencode(".png", np.ascontiguousarray(mask, dtype=np.uint8))
+    if not ok:
+        raise OSError(f"could not encode the mask {path}")
+    atomic_write_bytes(path, data.tobytes())
 
 
 def _write_patient_task(args) -> list[dict]:
@@ -170,10 +189,11 @@ def labels_csv_text(truth_rows: list[dict], rng: np.random.Generator) -> str:
 
 
 def generate(out_dir: Path, patients: int, slices: int, seed: int, workers="auto",
-             size: int = 512) -> Path:
+             size: int = 512, masks: bool = False) -> Path:
     """Write a phantom data set in the RSNA layout under `out_dir` (see the module doc) and
     return `out_dir`. `size` is the image side (512 like RSNA; smaller for fast tests);
-    `workers` processes render patients in parallel ('auto' = all cores)."""
+    `workers` processes render patients in parallel ('auto' = all cores); `masks` also writes
+    out_dir/masks/<image_id>.png (the images and labels are the same either way)."""
     from ich.errors import StepError
     from ich.config import resolve_workers
 
@@ -192,7 +212,10 @@ def generate(out_dir: Path, patients: int, slices: int, seed: int, workers="auto
         log.warning("synth: %d .dcm files in %s are not part of this set (another seed or size?); "
                     "left alone, but not listed in %s", foreign, image_dir, LABELS_CSV)
     n_workers = max(1, min(resolve_workers(workers), patients))
-    tasks = [(plan, slices, size, image_dir) for plan in plans]
+    mask_dir = out_dir / MASK_DIR if masks else None
+    if mask_dir is not None:
+        mask_dir.mkdir(parents=True, exist_ok=True)
+    tasks = [(plan, slices, size, image_dir, mask_dir) for plan in plans]
     rows: list[dict] = []
     bar = progress(total=len(expected), desc="synth", unit="img")
     if n_workers == 1:
