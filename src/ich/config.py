@@ -24,6 +24,7 @@ CHOICES = {
     "train.backend": ("auto", "torch", "jax", "tensorflow"),
     "train.mixed_precision": ("auto", True, False),
     "train.jit_compile": ("auto", True, False),
+    "train.distribution": (None, "data_parallel"),
     "train.class_weight": ("balanced", "none"),
     "train.pos_weight": ("balanced", "none"),
     "evaluate.threshold_method": ("youden", "f1"),
