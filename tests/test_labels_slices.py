@@ -33,6 +33,8 @@ def test_slices_give_the_same_table(monkeypatch, slice_rows):
     assert by_id.loc["ID_00a"].tolist() == [0] * 6
     assert by_id.loc["ID_00c", "subdural"] == 1 and by_id.loc["ID_00c", "any"] == 1
     assert by_id.loc["ID_0b", ["any", "epidural", "subdural", "subarachnoid"]].tolist() == [1, 1, 1, 0]
+    assert labels.duplicate_row_count(long_table(ROWS)) == 6   # ID_00a's six rows, again
+    assert labels.duplicate_row_count(long_table(ROWS[:12])) == 0
 
 
 def test_conflict_across_slices_and_row_numbers(monkeypatch):
