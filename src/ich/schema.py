@@ -89,6 +89,10 @@ class Preprocess(Section):
         return self
 
 
+class Compute(Section):
+    scheduler: NonEmpty | None
+
+
 class Input(Section):
     offsets: Annotated[list[int], Field(min_length=1)]
     slice_channels: NonEmpty
@@ -157,6 +161,7 @@ class Train(Section):
     mixed_precision: Switch
     jit_compile: Switch
     batch_size: PositiveInt
+    distribution: Literal["data_parallel"] | None
     stages: Annotated[list[NonEmpty], Field(min_length=1)]  # names checked by the train step
     frozen_epochs: Count
     finetune_epochs: Count
@@ -204,6 +209,7 @@ class Config(Section):
     sample: Sample
     copy_: Copy = Field(alias="copy")  # `copy` would shadow BaseModel.copy
     preprocess: Preprocess
+    compute: Compute
     input: Input
     split: Split
     augment: Augment

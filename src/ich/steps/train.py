@@ -30,6 +30,7 @@ from ich.evaluation.inference import load_cascade, predict_split
 from ich.evaluation.metrics import choose_threshold
 from ich.io import write_json
 from ich.stamps import Stamp, reason, record, record_path
+from ich.training import distribution
 from ich.training.stages import STAGES, Stage, get_stage, stage_seed
 from ich.training.trainer import clear_stage, train_stage
 
@@ -73,6 +74,11 @@ def run(cfg: dict, force: bool = False) -> Path:
         names = [get_stage(name).name for name in cfg["train"]["stages"]]
     except ValueError as err:
         raise StepError(f"train.stages: {err}") from err
+    # Issue 11 hook: train.distribution. First, before anything touches a device: several hosts
+    # join here (JAX); process k > 0 writes its own copy of the run under run_dir/process-k.
+    plan = distribution.plan(cfg)
+    if plan.process_id:
+        cfg = {**cfg, "paths": {**cfg["paths"], "run_dir": str(plan.run_dir(cfg["paths"]["run_dir"]))}}
     run_dir = Path(cfg["paths"]["run_dir"])
     run_dir.mkdir(parents=True, exist_ok=True)
     spec = InputSpec.from_config(cfg)
@@ -80,27 +86,29 @@ def run(cfg: dict, force: bool = False) -> Path:
     jit = backend.resolve_jit(cfg["train"]["jit_compile"])
     log.info("train: backend %s, mixed precision %s, jit_compile %s, input %d channels (offsets %s)",
              backend.current(), mixed, jit, spec.n_channels, list(spec.offsets))
+    log.info("train: %s, global batch %d", plan.describe(), int(cfg["train"]["batch_size"]))
     config.save(cfg, run_dir / RUN_CONFIG)
 
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")
     try:
-        for name in names:
-            stage = STAGES[name]
-            stamp = stage_stamp(cfg, stage)
-            why = "forced" if force else reason(stamp)
-            if why is None:
-                log.info("train: %s is up to date, skipped (use --force to retrain)", stage.name)
-                continue
-            missing = [d for d in stage.starts_from(cfg) if not (run_dir / STAGES[d].file).is_file()]
-            if missing:
-                raise StepError(f"{stage.name} starts from {missing}, which are not trained: add "
-                                f"them to train.stages or set model.stage2_from_stage1 false")
-            log.info("train: training %s (%s)", stage.name, why)
-            if force or (run_dir / stage.file).exists():
-                clear_stage(run_dir, stage)  # a finished model of other settings: start over
-            train_stage(cfg, stage, spec, run_dir, stamp, stage_data(cfg, stage, spec), jit)
-            record(stamp)
+        with plan.active():  # issue 11 hook: stages are built, compiled and fitted over the plan's devices
+            for name in names:
+                stage = STAGES[name]
+                stamp = stage_stamp(cfg, stage)
+                why = "forced" if force else reason(stamp)
+                if why is None:
+                    log.info("train: %s is up to date, skipped (use --force to retrain)", stage.name)
+                    continue
+                missing = [d for d in stage.starts_from(cfg) if not (run_dir / STAGES[d].file).is_file()]
+                if missing:
+                    raise StepError(f"{stage.name} starts from {missing}, which are not trained: add "
+                                    f"them to train.stages or set model.stage2_from_stage1 false")
+                log.info("train: training %s (%s)", stage.name, why)
+                if force or (run_dir / stage.file).exists():
+                    clear_stage(run_dir, stage)  # a finished model of other settings: start over
+                train_stage(cfg, stage, spec, run_dir, stamp, stage_data(cfg, stage, spec, plan), jit)
+                record(stamp)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
@@ -118,9 +126,10 @@ def run(cfg: dict, force: bool = False) -> Path:
     return cascade_path
 
 
-def stage_data(cfg: dict, stage: Stage, spec: InputSpec):
+def stage_data(cfg: dict, stage: Stage, spec: InputSpec, plan: distribution.Plan | None = None):
     """(train batches, val batches, training labels) of a stage: the rows it trains on
-    (Stage.rows) of the train and val splits, against its labels."""
+    (Stage.rows) of the train and val splits, against its labels; with a distribution `plan`,
+    the batches are this process's even share of each global batch (ich.training.distribution)."""
     work = Path(cfg["paths"]["work_dir"])
     batch_size = int(cfg["train"]["batch_size"])
     workers = config.resolve_workers(cfg["data"]["workers"])
@@ -140,8 +149,9 @@ def stage_data(cfg: dict, stage: Stage, spec: InputSpec):
                     else f"images with both classes of {stage.labels[0]}")
             raise StepError(f"{stage.name}: the {split} split has no {what} ({len(targets)} images "
                             f"in all); sample more images or change split.fractions")
-        out.append(data.batches(stage.labels, batch_size, spec, shuffle=split == "train",
-                                seed=seed, rows=rows))
+        batches = data.batches(stage.labels, batch_size, spec, shuffle=split == "train",
+                               seed=seed, rows=rows)
+        out.append(plan.feed(batches, train=split == "train") if plan else batches)  # issue 11 hook
         if split == "train":
             y_train = labels.astype(np.float32)
     return out[0], out[1], y_train

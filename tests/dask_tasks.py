@@ -1,0 +1,14 @@
+"""Per-chunk functions for the Dask tests; workers import them from here (tests/ on their path)."""
+
+import os
+from pathlib import Path
+
+from ich.steps.preprocess import process_chunk
+
+
+def crash_on_poison(paths, work_dir, windows, size):
+    """process_chunk, except that a file whose name contains "poison" kills the worker process
+    (as a segfault inside a decoder would)."""
+    if any("poison" in Path(p).name for p in paths):
+        os._exit(13)
+    return process_chunk(paths, work_dir, windows, size)

@@ -1,0 +1,155 @@
+"""compute.scheduler: the per-file work of preprocess on a real Dask cluster on 127.0.0.1 (one
+`dask scheduler`, two `dask worker` processes) gives the same PNGs, byte for byte, and the same
+rows as a local run; a truncated file gets its reason; a file that kills its worker is the only
+one of its chunk marked failed; a worker that cannot see the folder is named."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("distributed")
+
+from alt_rsna import write_alt_rsna  # noqa: E402
+from ich.errors import StepError  # noqa: E402
+from ich.distributed import check_folders, map_files  # noqa: E402
+from ich.steps import preprocess  # noqa: E402
+
+WINDOWS = [(80.0, 200.0), (40.0, 80.0), (600.0, 2800.0)]
+SIZE = 32
+TESTS = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    """A scheduler and two nannied single-thread workers on 127.0.0.1; killed at the end."""
+    from distributed import Client
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    dask = str(Path(sys.executable).with_name("dask"))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)]),
+               # One worker death marks a task failed (default 3): the crash test stays short.
+               DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="1")
+    logs = tmp_path_factory.mktemp("dask")
+    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
+                               "--dashboard-address", ":0"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=open(logs / "scheduler.log", "w"))]
+    time.sleep(2)
+    for k in range(2):
+        procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--nworkers", "1",
+                                       "--host", "127.0.0.1", "--dashboard-address", ":0"], env=env,
+                                      stdout=subprocess.DEVNULL,
+                                      stderr=open(logs / f"worker{k}.log", "w")))
+    client = Client(address, timeout="60s")
+    try:
+        client.wait_for_workers(2, timeout=120)
+        yield address, client
+    finally:
+        client.close()
+        for proc in reversed(procs):
+            proc.terminate()
+        for proc in procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+@pytest.fixture(scope="module")
+def dicoms(tmp_path_factory):
+    root = tmp_path_factory.mktemp("src")
+    truth = write_alt_rsna(root, n_patients=3, slices=3, size=64, seed=3)
+    return truth
+
+
+def _work(root: Path, dicom_dir: Path) -> Path:
+    work = root / "work"
+    (work / "png").mkdir(parents=True)
+    shutil.copytree(dicom_dir, work / "dicom")
+    return work
+
+
+def _chunks(work: Path, size: int = 3) -> list[list[str]]:
+    paths = [str(p) for p in sorted((work / "dicom").glob("*.dcm"))]
+    return [paths[i:i + size] for i in range(0, len(paths), size)]
+
+
+def _failure(work: Path):
+    return lambda path, why: preprocess._failure(Path(path).stem, Path(path), work, why)
+
+
+def _rows(results) -> list[dict]:
+    return sorted((row for _, rows in results for row in rows), key=lambda r: r["image_id"])
+
+
+def test_dask_preprocess_matches_local_byte_for_byte(cluster, dicoms, tmp_path, caplog):
+    address, client = cluster
+    local, remote = _work(tmp_path / "local", dicoms["dicom_dir"]), _work(tmp_path / "dask", dicoms["dicom_dir"])
+    expected = _rows((c, preprocess.process_chunk(c, str(local), WINDOWS, SIZE)) for c in _chunks(local))
+    chunks = _chunks(remote)
+    with caplog.at_level("INFO", logger="ich"):
+        results = list(map_files(preprocess.process_chunk, chunks, address, (str(remote), WINDOWS, SIZE),
+                                 inputs=[remote / "dicom"], outputs=[remote / "png"],
+                                 failure=_failure(remote), init=preprocess._init_worker))
+    assert sorted(map(tuple, (c for c, _ in results))) == sorted(map(tuple, chunks))
+    assert _rows(results) == expected
+    assert "dashboard http://" in caplog.text
+    pngs = sorted(p.name for p in (local / "png").glob("*.png"))
+    assert pngs and pngs == sorted(p.name for p in (remote / "png").glob("*.png"))
+    for name in pngs:
+        assert (local / "png" / name).read_bytes() == (remote / "png" / name).read_bytes(), name
+    truncated = [i for i, kind in dicoms["bad"].items() if kind == "truncated"]
+    assert truncated
+    reasons = {r["image_id"]: r["reason"] for r in _rows(results)}
+    for image_id in truncated:
+        assert "truncated" in reasons[image_id], reasons[image_id]
+    assert not list((remote / "png").glob(".ich-dask-check-*"))  # the check files are gone
+
+
+def test_a_file_that_kills_its_worker_fails_alone(cluster, dicoms, tmp_path):
+    from dask_tasks import crash_on_poison
+
+    address, client = cluster
+    work = _work(tmp_path, dicoms["dicom_dir"])
+    first = sorted((work / "dicom").glob("*.dcm"))[1]
+    poison = first.with_name("ID_poison.dcm")
+    shutil.copy(first, poison)
+    chunks = _chunks(work, size=4)
+    results = list(map_files(crash_on_poison, chunks, address, (str(work), WINDOWS, SIZE),
+                             inputs=[work / "dicom"], outputs=[work / "png"], failure=_failure(work)))
+    rows = {r["image_id"]: r for r in _rows(results)}
+    assert len(rows) == sum(len(c) for c in chunks)
+    assert "worker process died" in rows["ID_poison"]["reason"]
+    done = [i for i, r in rows.items() if not r["reason"]]
+    assert first.stem in done and (work / "png" / f"{first.stem}.png").is_file()
+    client.wait_for_workers(2, timeout=60)  # the nannies restarted the killed workers
+
+
+def test_a_folder_the_workers_do_not_see_is_named(cluster, tmp_path, monkeypatch):
+    import ich.distributed
+
+    address, client = cluster
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.dcm").write_bytes(b"x")
+    check_folders(client, inputs=[tmp_path / "in"], outputs=[tmp_path])
+    assert not list(tmp_path.glob(".ich-dask-check-*"))
+    # A node-local folder of the same name: the workers find the folder, but not the check file
+    # this machine wrote into it (here: a check file that was never written).
+    monkeypatch.setattr(ich.distributed, "_write_token", lambda folder: ".ich-dask-check-elsewhere")
+    with pytest.raises(StepError, match=rf"dask worker tcp://127.0.0.1:\d+ cannot use output folder "
+                                        rf"{tmp_path}: not the folder this machine writes"):
+        check_folders(client, outputs=[tmp_path])
+    with pytest.raises(StepError, match="folder .*nowhere not found on this machine"):
+        check_folders(client, inputs=[tmp_path / "nowhere"])

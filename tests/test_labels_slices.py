@@ -1,0 +1,49 @@
+"""long_to_wide parses the long table in slices (flat memory): the result does not depend on
+where the slices cut, duplicates and conflicts are found across slices, and a bad row is named
+by its row in the whole file."""
+
+import pyarrow as pa
+import pytest
+
+from ich.constants import LABELS, RSNA_ORDER
+from ich.data import labels
+
+
+def long_table(rows):
+    return pa.table({"ID": pa.array([r[0] for r in rows], pa.string()),
+                     "Label": pa.array([r[1] for r in rows], pa.int8())})
+
+
+def rows_of(image_id, positives=()):
+    return [(f"{image_id}_{sub}", int(sub in positives or (sub == "any" and bool(positives))))
+            for sub in RSNA_ORDER]
+
+
+ROWS = (rows_of("ID_00c", ["subdural"]) + rows_of("ID_00a") + rows_of("ID_0b", ["epidural", "subdural"])
+        + rows_of("ID_00a"))   # ID_00a listed twice, as 4 images are in RSNA
+
+
+@pytest.mark.parametrize("slice_rows", [1, 4, 7, 500_000])
+def test_slices_give_the_same_table(monkeypatch, slice_rows):
+    monkeypatch.setattr(labels, "_SLICE_ROWS", slice_rows)
+    wide = labels.long_to_wide(long_table(ROWS))
+    assert wide["image_id"].tolist() == ["ID_00a", "ID_00c", "ID_0b"]
+    assert list(wide.columns) == ["image_id", *LABELS]
+    by_id = wide.set_index("image_id")
+    assert by_id.loc["ID_00a"].tolist() == [0] * 6
+    assert by_id.loc["ID_00c", "subdural"] == 1 and by_id.loc["ID_00c", "any"] == 1
+    assert by_id.loc["ID_0b", ["any", "epidural", "subdural", "subarachnoid"]].tolist() == [1, 1, 1, 0]
+    assert labels.duplicate_row_count(long_table(ROWS)) == 6   # ID_00a's six rows, again
+    assert labels.duplicate_row_count(long_table(ROWS[:12])) == 0
+
+
+def test_conflict_across_slices_and_row_numbers(monkeypatch):
+    monkeypatch.setattr(labels, "_SLICE_ROWS", 4)
+    conflicting = ROWS + [("ID_00c_subdural", 0)]
+    with pytest.raises(labels.LabelError, match="conflicting duplicate labels for 1 image.*ID_00c"):
+        labels.long_to_wide(long_table(conflicting))
+    bad = ROWS[:9] + [("ID_zz_any", 1)] + ROWS[9:]
+    with pytest.raises(labels.LabelError, match=r"data row 10 has ID 'ID_zz_any'"):
+        labels.long_to_wide(long_table(bad))
+    with pytest.raises(labels.LabelError, match="1 image.* lack some .*ID_00d"):
+        labels.long_to_wide(long_table(ROWS + [("ID_00d_any", 0)]))
