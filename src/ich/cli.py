@@ -93,6 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = parser.add_subparsers(dest="command", required=True)
     helps = {
+        "index": "read every DICOM header of paths.dicom_dir once -> work/index.parquet",
         "sample": "RSNA long CSV -> labels.csv (wide) and sampled.csv (balanced sample)",
         "copy": "copy the sampled DICOMs into work/dicom/ (threads)",
         "preprocess": "DICOM -> HU -> 3 windows -> RGB PNG in work/png/, images.csv, failures.csv",

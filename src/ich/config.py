@@ -16,6 +16,8 @@ import yaml
 
 # Keys whose value must be one of a fixed set: a typo should fail at load, not mid-training.
 CHOICES = {
+    "index.pool": ("process", "thread"),
+    "sample.unit": ("image", "series"),
     "copy.mode": ("copy", "hardlink", "symlink"),
     "online_augment.flip": ("horizontal", "vertical", "horizontal_and_vertical", "none"),
     "data.cache": ("packed", "png"),
@@ -27,7 +29,7 @@ CHOICES = {
     "evaluate.threshold_method": ("youden", "f1"),
 }
 # Keys that take "auto" or a positive int.
-AUTO_INT = ("preprocess.workers", "augment.workers", "data.workers", "predict.workers")
+AUTO_INT = ("index.workers", "preprocess.workers", "augment.workers", "data.workers", "predict.workers")
 
 
 class ConfigError(ValueError):
@@ -107,7 +109,10 @@ def validate(cfg: dict) -> None:
             # Probabilities (`*_p`) and the elastic strength are fractions.
             if (key.endswith("_p") or key == "elastic_scale") and not 0 <= value <= 1:
                 raise ConfigError(f"{section}.{key}: {value!r} must lie in [0, 1]")
-    for key in ("sample.per_label", "preprocess.image_size", "model.image_size", "train.batch_size"):
+    context = cfg["sample"]["context"]
+    if not all(isinstance(o, int) and not isinstance(o, bool) and o != 0 for o in context):
+        raise ConfigError(f"sample.context: {context!r} must be a list of non-zero slice offsets, e.g. [-1, 1]")
+    for key in ("index.chunk_size", "sample.per_label", "preprocess.image_size", "model.image_size", "train.batch_size"):
         if get(cfg, key) < 1:
             raise ConfigError(f"{key}: must be at least 1, got {get(cfg, key)}")
 
