@@ -67,7 +67,7 @@ def _cmd_synth(args) -> int:
     from ich.synth import generate
 
     generate(Path(args.out_dir), patients=args.patients, slices=args.slices, seed=args.seed,
-             workers=args.workers, size=args.size)
+             workers=args.workers, size=args.size, difficulty=args.difficulty, masks=args.masks)
     return 0
 
 
@@ -122,6 +122,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=512, help="image side in pixels (RSNA: 512)")
     p.add_argument("--workers", default="auto", help="processes; auto = all cores")
+    p.add_argument("--difficulty", default="easy",
+                   help="easy (0, the original phantoms), medium (0.5), hard (1) or a number in [0, 1]: "
+                   "smaller and fainter bleeds, hard negatives, head holder, streaks, more noise")
+    p.add_argument("--masks", action="store_true",
+                   help="also write OUT_DIR/masks/<image_id>_mask.png (uint8, 1 inside any bleed)")
     p.set_defaults(func=_cmd_synth)
 
     p = sub.add_parser("predict", help="predict DICOM files, folders of them, or PNGs")
