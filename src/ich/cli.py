@@ -159,7 +159,7 @@ def _cmd_synth(args) -> int:
     from ich.synth import generate
 
     generate(Path(args.out_dir), patients=args.patients, slices=args.slices, seed=args.seed,
-             workers=args.workers, size=args.size, masks=args.masks)
+             workers=args.workers, size=args.size, difficulty=args.difficulty, masks=args.masks)
     return 0
 
 
@@ -234,6 +234,7 @@ def _build_parser() -> argparse.ArgumentParser:
                         help="also write every message, with timestamps, to PATH (appended)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     helps = {
+        "index": "read every DICOM header of paths.dicom_dir once -> work/index.parquet",
         "sample": "RSNA long CSV -> labels.csv (wide) and sampled.csv (balanced sample)",
         "copy": "copy the sampled DICOMs into work/dicom/ (threads)",
         "preprocess": "DICOM -> HU -> 3 windows -> RGB PNG in work/png/, images.csv, failures.csv",
@@ -274,6 +275,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="random seed: same seed, same files")
     p.add_argument("--size", type=int, default=512, help="image side in pixels (RSNA: 512)")
     p.add_argument("--workers", default="auto", help="processes; auto = all cores")
+    p.add_argument("--difficulty", default="easy",
+                   help="easy (0, the original phantoms), medium (0.5), hard (1) or a number in [0, 1]: "
+                   "smaller and fainter bleeds, hard negatives, head holder, streaks, more noise")
     p.add_argument("--masks", action="store_true",
                    help="also write OUT_DIR/masks/<image_id>.png: each slice's blood mask (bit i = SUBTYPES[i])")
     p.set_defaults(func=_cmd_synth)

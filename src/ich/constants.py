@@ -9,7 +9,9 @@ SUBTYPES = LABELS[1:]
 # Order of the six rows per image in stage_2_train.csv and in a submission.
 RSNA_ORDER = ("epidural", "intraparenchymal", "intraventricular", "subarachnoid", "subdural", "any")
 
-# Artifacts of steps 1-5, relative to paths.work_dir.
+# Artifacts of steps 0-5, relative to paths.work_dir.
+INDEX_PARQUET = "index.parquet"
+INDEX_FAILURES_CSV = "index_failures.csv"
 LABELS_CSV = "labels.csv"
 SAMPLED_CSV = "sampled.csv"
 DICOM_DIR = "dicom"
@@ -45,7 +47,7 @@ SPLITS = ("train", "val", "test")
 BACKENDS = ("torch", "jax", "tensorflow")
 
 # Pipeline order for `ich run`.
-STEPS = ("sample", "copy", "preprocess", "split", "augment", "train", "evaluate")
+STEPS = ("index", "sample", "copy", "preprocess", "split", "augment", "train", "evaluate")
 
 # External data sets `ich evaluate --dataset NAME` reads (ich.data.datasets).
 EXTERNAL_DATASETS = ("cq500", "rsna", "table")

@@ -60,9 +60,17 @@ class Paths(Section):
     run_dir: NonEmpty
 
 
+class Index(Section):
+    workers: Workers
+    pool: Literal["process", "thread"]
+    chunk_size: PositiveInt
+
+
 class Sample(Section):
     per_label: PositiveInt
     exclude_ids: list[str]
+    unit: Literal["image", "series"]
+    context: list[int]
 
 
 class Copy(Section):
@@ -206,6 +214,7 @@ class Config(Section):
 
     seed: Count
     paths: Paths
+    index: Index
     sample: Sample
     copy_: Copy = Field(alias="copy")  # `copy` would shadow BaseModel.copy
     preprocess: Preprocess

@@ -170,6 +170,59 @@ def balanced_sample(wide: pd.DataFrame, per_label: int, seed: int,
     return wide.loc[rows].sort_values("image_id", ignore_index=True)
 
 
+def series_sample(wide: pd.DataFrame, series: pd.Series, per_label: int, seed: int,
+                  exclude: tuple[str, ...] | list[str] = ()) -> pd.DataFrame:
+    """Whole series, in a seeded random order, until each subtype has `per_label` positive
+    slices and there are `per_label` negative slices (or the series run out).
+
+    `series`: the series id of each row of `wide` (same index; NaN where unknown: those rows
+    are never taken). A series is taken only while it adds to a label still short of its
+    target, so the rarest labels decide how many series come along. Returns rows of `wide`,
+    sorted by image_id.
+    """
+    rng = np.random.default_rng(seed)
+    keep = ~wide["image_id"].isin(set(exclude)) & series.notna()
+    frame = wide[keep].assign(_series=series[keep])
+    columns = [*SUBTYPES, "negative"]
+    frame = frame.assign(negative=(frame["any"] == 0).astype(np.int64))
+    per_series = frame.groupby("_series")[columns].sum()
+    order = per_series.index.to_numpy()[rng.permutation(len(per_series))]
+    counts = per_series.loc[order].to_numpy()
+    have = np.zeros(len(columns), np.int64)
+    taken = []
+    for name, adds in zip(order, counts):
+        if (have >= per_label).all():
+            break
+        if ((have < per_label) & (adds > 0)).any():
+            taken.append(name)
+            have += adds
+    rows = frame.index[frame["_series"].isin(set(taken))]
+    return wide.loc[rows].sort_values("image_id", ignore_index=True)
+
+
+def add_context(sampled: pd.DataFrame, wide: pd.DataFrame, index: pd.DataFrame,
+                offsets) -> tuple[pd.DataFrame, int]:
+    """The sample plus the neighbours of its slices at `offsets` as context-only rows.
+
+    Returns (table, unlabelled): `sampled`'s rows with `target` 1, then every neighbour (from
+    the ranked header `index`, see ich.data.index.neighbours) that is not already in the
+    sample, with its labels from `wide` and `target` 0, sorted by image_id; `unlabelled`
+    counts neighbours left out because `wide` has no labels for them. Context rows are copied
+    and preprocessed so that they can be gathered as inputs, never trained on as targets.
+    """
+    from ich.data.index import neighbours
+
+    table = sampled.assign(target=np.int8(1))
+    if not len(offsets) or sampled.empty:
+        return table, 0
+    links = neighbours(index, sampled["image_id"].tolist(), list(offsets))
+    extra = set(links["neighbour_id"]) - set(sampled["image_id"])
+    labelled = wide[wide["image_id"].isin(extra)]
+    context = labelled.assign(target=np.int8(0))
+    table = pd.concat([table, context], ignore_index=True).sort_values("image_id", ignore_index=True)
+    return table, len(extra) - len(labelled)
+
+
 def label_counts(wide: pd.DataFrame) -> dict[str, int]:
     """{"images": N, <label>: positives for each of LABELS, "negatives": images with any 0}:
     the one count of a label table, for every summary and report."""

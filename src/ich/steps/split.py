@@ -1,7 +1,9 @@
 """Step 4, split: work/images.csv + work/sampled.csv -> work/splits.csv.
 
 Only images that preprocessing turned into PNGs are split. Columns of splits.csv: image_id,
-split (train/val/test), patient_id, study_id, and the six labels.
+split (train/val/test), patient_id, study_id, the six labels, and `target` (from sampled.csv):
+only target rows (1) decide the patient split and are training or evaluation targets; context
+rows (0) take their patient's split so that neighbours are gathered within one split.
 """
 
 from __future__ import annotations
@@ -54,21 +56,28 @@ def run(cfg: dict, force: bool = False) -> Path:
     if frame["patient_id"].isna().any():
         bad = frame.loc[frame["patient_id"].isna(), "image_id"].head(5).tolist()
         raise StepError(f"{images_csv}: empty patient_id for {bad}; every DICOM needs PatientID")
+    if "target" not in frame:  # a sampled.csv from before context sampling: all are targets
+        frame["target"] = 1
+    # Only training targets decide the split; context rows (target 0) follow their patient.
+    targets = frame[frame["target"] == 1]
     try:
         unplaced: list = []
-        frame["split"] = assign_splits(frame["patient_id"], frame[list(LABELS)].to_numpy(),
-                                       tuple(cfg["split"]["fractions"]), cfg["seed"], unplaced)
+        assigned = assign_splits(targets["patient_id"], targets[list(LABELS)].to_numpy(),
+                                 tuple(cfg["split"]["fractions"]), cfg["seed"], unplaced)
     except ValueError as err:
         raise StepError(f"split: {err}") from err
     for j, name in unplaced:
         label = LABELS[j]
-        n_pos = frame.loc[frame[label] > 0, "patient_id"].nunique()
+        n_pos = targets.loc[targets[label] > 0, "patient_id"].nunique()
         log.warning("split: no positive patient for %s in %s (%d positive patient(s) in all, "
                     "not enough for every split)", label, name, n_pos)
-    frame = frame[["image_id", "split", "patient_id", "study_id", *LABELS]].sort_values("image_id")
+    by_patient = dict(zip(targets["patient_id"], assigned))
+    frame["split"] = frame["patient_id"].map(by_patient)
+    frame = frame[frame["split"].notna()]
+    frame = frame[["image_id", "split", "patient_id", "study_id", *LABELS, "target"]].sort_values("image_id")
     write_csv(frame, out)
 
-    table = split_summary(frame, list(LABELS))
+    table = split_summary(frame[frame["target"] == 1], list(LABELS))
     for line in table.to_string(index=False).splitlines():
         log.info("split: %s", line)
     line = summary("split", f"{len(frame):,} images of {frame['patient_id'].nunique():,} patients "

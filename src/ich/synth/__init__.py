@@ -1,6 +1,7 @@
 """Phantom head CT in the exact RSNA 2019 file layout, for demos and tests.
 
-In: a number of patients, slices per study, a seed (and the image size). Out, under OUT_DIR:
+In: a number of patients, slices per study, a seed (and the image size, the difficulty in
+ich.synth.hardness, whether to write lesion masks). Out, under OUT_DIR:
   stage_2_train/ID_<9 hex>.dcm   one file per slice, RSNA tags and storage quirks
   stage_2_train.csv              ID,Label; six rows per image in RSNA order, a few duplicates
   truth.csv                      image_id, patient/study/series, position, storage, labels:
@@ -26,8 +27,9 @@ from typing import Iterator
 import numpy as np
 
 from ich.constants import LABELS, RSNA_ORDER, SUBTYPES
-from ich.io import Timer, atomic_write_text, progress, summary, write_csv
+from ich.io import Timer, atomic_write_bytes, atomic_write_text, progress, summary, write_csv
 from ich.synth.anatomy import sample_head
+from ich.synth.hardness import extra_mimics, harden_lesions, parse_difficulty, sample_artifacts
 from ich.synth.lesions import KIND_FRACTIONS, sample_lesions, sample_mimics
 from ich.synth.storage import SliceTags, Storage, build_dataset, encode, sample_storage, storage_deck, write
 from ich.synth.study import Scan, render_scan, sample_geometry
@@ -40,6 +42,7 @@ TRUTH_CSV = "truth.csv"
 MASK_DIR = "masks"
 SECOND_STUDY_FRACTION = 0.15     # patients scanned twice (RSNA patients have up to 15 studies)
 NONSQUARE_FRACTION = 0.07
+POSITIVE_CUT = 0.35             # fraction of bleeding patients removed at difficulty 1
 DUPLICATE_EVERY = 250            # one image block listed twice per this many images (at least one)
 
 
@@ -63,6 +66,7 @@ class PatientPlan:
     patient_id: str
     kinds: tuple[str, ...]        # hemorrhage subtypes present
     studies: tuple[StudyPlan, ...]
+    difficulty: float = 0.0       # ich.synth.hardness: 0 = the original phantoms
 
 
 def _hex_ids(rng: np.random.Generator, n: int, digits: int, taken: set) -> list[str]:
@@ -81,10 +85,13 @@ def _pick(rng: np.random.Generator, n: int, fraction: float) -> set[int]:
     return set(rng.choice(n, size=k, replace=False).tolist())
 
 
-def plan_dataset(seed: int, patients: int, slices: int) -> list[PatientPlan]:
-    """The seed's plan: ids, subtypes per patient, studies and storage variants."""
+def plan_dataset(seed: int, patients: int, slices: int, difficulty: float = 0.0) -> list[PatientPlan]:
+    """The seed's plan: ids, subtypes per patient, studies and storage variants; `difficulty`
+    > 0 gives fewer patients with bleeds (and so other ids) as well as harder rendering."""
     rng = np.random.default_rng(np.random.SeedSequence(seed))
-    kinds = {kind: _pick(rng, patients, f) for kind, f in KIND_FRACTIONS.items()}
+    # Harder sets have fewer bleeding patients: ~19 % positive slices at difficulty 1 (RSNA: 14 %).
+    cut = 1.0 - POSITIVE_CUT * difficulty
+    kinds = {kind: _pick(rng, patients, f * cut) for kind, f in KIND_FRACTIONS.items()}
     twice = _pick(rng, patients, SECOND_STUDY_FRACTION) if patients > 1 else set()
     n_studies = [2 if i in twice else 1 for i in range(patients)]
     variants = iter(storage_deck(rng, sum(n_studies)))
@@ -99,7 +106,8 @@ def plan_dataset(seed: int, patients: int, slices: int) -> list[PatientPlan]:
                                      sample_storage(rng, next(variants)),
                                      bool(rng.random() < NONSQUARE_FRACTION)))
         plans.append(PatientPlan(seed, i, patient_id,
-                                 tuple(k for k in SUBTYPES if i in kinds[k]), tuple(studies)))
+                                 tuple(k for k in SUBTYPES if i in kinds[k]), tuple(studies),
+                                 float(difficulty)))
     return plans
 
 
@@ -110,11 +118,18 @@ def simulate_patient(plan: PatientPlan, slices: int, size: int = 512) -> Iterato
     head = sample_head(rng)
     lesions = sample_lesions(rng, plan.kinds, head)
     mimics = sample_mimics(rng, head)
+    hard_rng = None
+    if plan.difficulty > 0:
+        # A stream of its own: difficulty 0 draws nothing from it and renders as before.
+        hard_rng = np.random.default_rng(np.random.SeedSequence(plan.seed, spawn_key=(plan.index, 3)))
+        lesions = harden_lesions(hard_rng, lesions, plan.difficulty)
+        mimics = mimics + extra_mimics(hard_rng, head, plan.difficulty)
     for j, study in enumerate(plan.studies):
         if j:
             lesions = [lesion.evolve(rng) for lesion in lesions]
         geometry = sample_geometry(rng, head, size, slices, study.nonsquare)
-        yield study, render_scan(head, lesions, mimics, geometry, slices, rng)
+        artifacts = sample_artifacts(hard_rng, plan.difficulty) if hard_rng is not None else None
+        yield study, render_scan(head, lesions, mimics, geometry, slices, rng, artifacts)
 
 
 def _media_uid(rng: np.random.Generator, prefix: str) -> str:
@@ -156,8 +171,6 @@ def write_patient(plan: PatientPlan, slices: int, size: int, image_dir: Path,
 def _write_mask(mask: np.ndarray, path: Path) -> None:
     import cv2
 
-    from ich.io import atomic_write_bytes
-
     ok, data = cv2.imencode(".png", np.ascontiguousarray(mask, dtype=np.uint8))
     if not ok:
         raise OSError(f"could not encode the mask {path}")
@@ -189,10 +202,11 @@ def labels_csv_text(truth_rows: list[dict], rng: np.random.Generator) -> str:
 
 
 def generate(out_dir: Path, patients: int, slices: int, seed: int, workers="auto",
-             size: int = 512, masks: bool = False) -> Path:
+             size: int = 512, difficulty=0.0, masks: bool = False) -> Path:
     """Write a phantom data set in the RSNA layout under `out_dir` (see the module doc) and
     return `out_dir`. `size` is the image side (512 like RSNA; smaller for fast tests);
-    `workers` processes render patients in parallel ('auto' = all cores); `masks` also writes
+    `workers` processes render patients in parallel ('auto' = all cores); `difficulty`
+    (ich.synth.hardness: 0 / 'easy' = the original phantoms ... 1 / 'hard'); `masks` also writes
     out_dir/masks/<image_id>.png (the images and labels are the same either way)."""
     from ich.errors import StepError
     from ich.config import resolve_workers
@@ -201,11 +215,15 @@ def generate(out_dir: Path, patients: int, slices: int, seed: int, workers="auto
         raise StepError(f"synth needs --patients >= 1 and --slices >= 1, got {patients} and {slices}")
     if size < 64 or size % 2:
         raise StepError(f"synth image size must be an even number >= 64, got {size}")
+    try:
+        difficulty = parse_difficulty(difficulty)
+    except ValueError as err:
+        raise StepError(f"synth: {err}") from err
     timer = Timer()
     out_dir = Path(out_dir)
     image_dir = out_dir / IMAGE_DIR
     image_dir.mkdir(parents=True, exist_ok=True)
-    plans = plan_dataset(seed, patients, slices)
+    plans = plan_dataset(seed, patients, slices, difficulty)
     expected = {f"{i}.dcm" for p in plans for s in p.studies for i in s.image_ids}
     foreign = sum(1 for f in image_dir.glob("*.dcm") if f.name not in expected)
     if foreign:
@@ -242,6 +260,7 @@ def generate(out_dir: Path, patients: int, slices: int, seed: int, workers="auto
     write_csv(pd.DataFrame(rows), out_dir / TRUTH_CSV)
     counts = ", ".join(f"{label} {sum(r[label] for r in rows)}" for label in LABELS)
     n_studies = sum(len(p.studies) for p in plans)
+    positive = sum(r["any"] for r in rows) / max(len(rows), 1)
     summary("synth", f"{len(rows)} images, {n_studies} studies of {patients} patients "
-            f"({size} px; positive: {counts}) -> {out_dir}", len(rows), "images", timer)
+            f"({size} px, difficulty {difficulty:g}, {100 * positive:.1f}% positive slices; positive: {counts}) -> {out_dir}", len(rows), "images", timer)
     return out_dir

@@ -111,9 +111,12 @@ def _noise(rng: np.random.Generator, shape, sd: float, sigma: float = 0.8) -> np
 
 
 def render_slice(head: Head, grid: Grid, lesions: list, mimics: list, z: float,
-                 noise_sd: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list]:
+                 noise_sd: float, rng: np.random.Generator,
+                 artifacts=None) -> tuple[np.ndarray, np.ndarray, list]:
     """One slice at z mm above the skull base: (int16 HU, uint8 mask holding 1 << i where
-    the blood of SUBTYPES[i] shows, label list in SUBTYPES order)."""
+    the blood of SUBTYPES[i] shows, label list in SUBTYPES order). `artifacts`
+    (ich.synth.hardness.Artifacts, None for the easy phantoms) adds holder, streaks and
+    stronger, coarser noise."""
     hu, regions = render(head, grid, z / head.height, z)
     min_pixels = MIN_AREA_MM2 / grid.spacing ** 2
     drawn = []
@@ -139,16 +142,20 @@ def render_slice(head: Head, grid: Grid, lesions: list, mimics: list, z: float,
         m = mimic.mask(grid, regions, z)
         if m is not None:
             hu[m] = mimic.hu
+    sigma = 0.8
+    if artifacts is not None:
+        artifacts.apply(hu, grid, regions, head, z / head.height)
+        noise_sd, sigma = noise_sd * artifacts.noise_scale, artifacts.noise_sigma
     # Partial-volume blur (~0.35 mm), then noise; air stays near -1000 and is clipped.
     hu = _blur(hu, max(0.5, 0.35 / grid.spacing))
-    hu += _noise(rng, hu.shape, noise_sd)
+    hu += _noise(rng, hu.shape, noise_sd, sigma)
     out = np.clip(np.rint(hu), HU_MIN, HU_MAX).astype(np.int16)
     return out, owner, labels
 
 
 def render_scan(head: Head, lesions: list, mimics: list, geometry: Geometry, slices: int,
-                rng: np.random.Generator) -> Scan:
-    """Render every slice of one series (slice 0 lowest)."""
+                rng: np.random.Generator, artifacts=None) -> Scan:
+    """Render every slice of one series (slice 0 lowest); `artifacts` as in render_slice."""
     g = geometry
     grid = make_grid(head, g.rows, g.cols, g.spacing, g.ox, g.oy, g.yaw)
     hu = np.empty((slices, g.rows, g.cols), np.int16)
@@ -156,5 +163,6 @@ def render_scan(head: Head, lesions: list, mimics: list, geometry: Geometry, sli
     labels = np.zeros((slices, len(SUBTYPES)), np.uint8)
     for k in range(slices):
         z = g.z0 + k * SLICE_GAP
-        hu[k], masks[k], labels[k] = render_slice(head, grid, lesions, mimics, z, g.noise, rng)
+        hu[k], masks[k], labels[k] = render_slice(head, grid, lesions, mimics, z, g.noise, rng,
+                                                        artifacts)
     return Scan(geometry, hu, masks, labels)
