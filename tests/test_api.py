@@ -77,12 +77,11 @@ def test_plain_keras_loads_a_model_with_custom_layers_after_import_ich(tmp_path)
 
 
 def test_exported_stage_has_no_optimizer(tmp_path):
-    """train._export writes models without optimizer state: a torch Adam in the file would stop
+    """trainer.export writes models without optimizer state: a torch Adam in the file would stop
     it loading on JAX ("... keras.src.backend.torch.optimizers.torch_adam cannot be imported")."""
     import keras
 
-    from ich.config import load
-    from ich.steps.train import _export
+    from ich.training.trainer import export
 
     inputs = keras.Input((8, 8, 3))
     model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(
@@ -91,7 +90,7 @@ def test_exported_stage_has_no_optimizer(tmp_path):
     model.fit(np.ones((2, 8, 8, 3)), np.ones((2, 1)), verbose=0)
     best = tmp_path / "best.weights.h5"
     model.save_weights(best)
-    _export(load(), "stage1", model, None, best, tmp_path / "stage1.keras")
+    export(model, None, best, tmp_path / "stage1.keras", rebuild=None)
     with zipfile.ZipFile(tmp_path / "stage1.keras") as archive:
         config = archive.read("config.json").decode()
         assert "optimizer" not in config.lower()
