@@ -73,3 +73,23 @@ def test_verbose_shows_debug_and_log_file_is_not_duplicated(tmp_path):
     cli.setup_logging()
     assert cli.log.level == 20  # INFO again, and the file handler is gone
     assert not [h for h in cli.log.handlers if getattr(h, "_ich_log_file", False)]
+
+
+def test_run_dry_run_names_what_would_run_and_why(tmp_path, capsys):
+    from ich.cli import main
+    from ich.synth import generate
+
+    data = generate(tmp_path / "d", patients=4, slices=4, seed=0, workers=1, size=64)
+    sets = ["--set", f"paths.labels_csv={data / 'stage_2_train.csv'}",
+            "--set", f"paths.dicom_dir={data / 'stage_2_train'}",
+            "--set", f"paths.work_dir={tmp_path / 'work'}", "--set", "preprocess.image_size=64"]
+    assert main(["run", "--to", "sample", "--dry-run", *sets]) == 0
+    out = capsys.readouterr().out
+    assert "index       would run: never run" in out and "sample      would run" in out
+    assert not (tmp_path / "work" / "sampled.csv").exists()          # nothing ran
+    assert main(["run", "--to", "sample", *sets]) == 0
+    capsys.readouterr()
+    assert main(["run", "--to", "sample", "--dry-run", *sets]) == 0
+    assert capsys.readouterr().out.splitlines() == ["index       up to date", "sample      up to date"]
+    assert main(["run", "--to", "sample", "--dry-run", *sets, "--set", "sample.per_label=3"]) == 0
+    assert "sample      would run: settings changed: sample.per_label" in capsys.readouterr().out

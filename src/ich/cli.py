@@ -25,6 +25,7 @@ from ich import provenance, tracking
 from ich.constants import EXTERNAL_DATASETS, MODEL_SUFFIX, RESOLVED_CONFIG, STEPS
 from ich.errors import StepError  # noqa: F401  (re-exported: steps raise ich.cli.StepError)
 from ich.locks import LockError, hold
+from ich.stamps import step_reason
 
 log = logging.getLogger("ich")
 
@@ -147,12 +148,32 @@ def _cmd_run(args) -> int:
     last = STEPS.index(args.to_step)
     if first > last:
         raise StepError(f"--from {args.from_step} comes after --to {args.to_step}")
+    if args.dry_run:
+        print(dry_run(cfg, STEPS[first:last + 1], forced=args.from_step if args.force else None))
+        return 0
     # One lock for the whole run, so no other ich slips in between two steps (run_step's is re-entrant).
     with hold(Path(cfg["paths"]["work_dir"]), "work directory"):
         for name in STEPS[first:last + 1]:
             # --force applies to the first step only; later steps see its new outputs as stale.
             run_step(name, cfg, force=args.force and name == args.from_step)
     return 0
+
+
+def dry_run(cfg: dict, steps, forced: str | None = None) -> str:
+    """One line per step: whether it would run and why (ich.stamps), without running anything.
+
+    A step is judged on the artifacts as they are now: once an earlier step would run, the
+    steps after it would see new inputs, so they are reported as "after <step>" too.
+    """
+    lines, upstream = [], None
+    for name in steps:
+        why = "forced (--force)" if name == forced else step_reason(cfg, name)
+        if why is None and upstream:
+            why = f"after {upstream}, if its outputs change"
+        if why is not None and upstream is None:
+            upstream = name
+        lines.append(f"{name:<11} {'up to date' if why is None else 'would run: ' + why}")
+    return "\n".join(lines)
 
 
 def _cmd_synth(args) -> int:
@@ -265,6 +286,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to", dest="to_step", choices=STEPS, default=STEPS[-1], metavar="STEP",
                    help=f"last step (default {STEPS[-1]})")
     p.add_argument("--force", action="store_true", help="redo the --from step even if complete")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print which steps would run and why (stale, missing, forced), run nothing")
     _add_retry_arg(p)
     p.set_defaults(func=_cmd_run)
 
