@@ -65,7 +65,7 @@ def test_int_to_float_coercion():
 def test_unknown_key_names_it_and_valid_keys(tmp_path):
     exp = tmp_path / "exp.yaml"
     exp.write_text("sample:\n  per_lable: 5\n")
-    with pytest.raises(config.ConfigError, match=r"per_lable.*valid keys here: exclude_ids, per_label"):
+    with pytest.raises(config.ConfigError, match=r"per_lable.*valid keys here: context, exclude_ids, per_label, unit"):
         config.load(exp)
     with pytest.raises(config.ConfigError, match=r"unknown key 'train.bach_size'.*batch_size"):
         config.load(None, ["train.bach_size=3"])
