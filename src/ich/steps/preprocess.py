@@ -164,6 +164,13 @@ def convert_file(path: str, work_dir: str, windows: list[tuple[float, float]], s
     return row
 
 
+def process_chunk(paths: list[str], work_dir: str, windows: list[tuple[float, float]], size: int,
+                  max_bytes: int | None = None) -> list[dict]:
+    """convert_file over a chunk of files, one journal row each: the unit of work handed to a
+    Dask worker (ich.distributed.map_files), where a task per file would cost more than it does."""
+    return [convert_file(path, work_dir, windows, size, max_bytes) for path in paths]
+
+
 def _write_png(path: Path, data) -> None:
     """Write atomically under a per-process temporary name, then rename.
 
