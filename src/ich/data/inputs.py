@@ -106,7 +106,8 @@ class InputSpec:
         if stack.ndim != 5 or stack.shape[1] != len(self.offsets) or stack.shape[-1] != PNG_CHANNELS:
             raise ValueError(f"assemble: expected (N, {len(self.offsets)}, S, S, {PNG_CHANNELS}), "
                              f"got {stack.shape}")
-        picked = stack[..., self.picked]                      # (N, K, S, S, P)
+        # All windows: no channel selection, which would copy the whole stack once more.
+        picked = stack if self.slice_channels == ALL_WINDOWS else stack[..., self.picked]  # (N, K, S, S, P)
         n, k, h, w, p = picked.shape
         return np.ascontiguousarray(picked.transpose(0, 2, 3, 1, 4).reshape(n, h, w, k * p))
 
