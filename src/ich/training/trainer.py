@@ -200,7 +200,8 @@ def export(model, augmentation, best_path: Path, final_path: Path, rebuild) -> N
                                          call_function=skip_augmentation)
         # clone_model compiles the clone like the original, and a .keras file then names the
         # backend's optimizer class (torch_adam), which other backends cannot import.
-        clean = keras.Model(clean.inputs, clean.outputs, name=clean.name)
+        outputs = clean.outputs[0] if len(clean.outputs) == 1 else clean.outputs  # not a 1-list
+        clean = keras.Model(clean.inputs[0], outputs, name=clean.name)
     else:
         keras.mixed_precision.set_global_policy("float32")
         try:
