@@ -109,3 +109,45 @@ def test_save_load_on_torch_and_jax_give_the_same_outputs(tmp_path):
     assert str(jax_out["backend"]) == "jax"
     for key in ("slices", "study"):
         np.testing.assert_allclose(jax_out[key], expected[key], atol=1e-4)
+
+
+def test_masked_bce_skips_padded_entries_by_hand():
+    from ich.models.sequence import masked_bce
+
+    y = np.array([[[1.0, -1.0], [0.0, -1.0]]], np.float32)
+    p = np.array([[[0.8, 0.01], [0.4, 0.99]]], np.float32)
+    expected = -(np.log(0.8) + np.log(0.6)) / 2
+    assert float(masked_bce(y, p)) == pytest.approx(expected, rel=1e-5)
+
+
+def test_masked_auc_equals_scikit_learn_on_the_real_entries():
+    from sklearn.metrics import roc_auc_score
+
+    from ich.models.sequence import MaskedAUC
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, (4, 5, 6)).astype(np.float32)
+    p = rng.random((4, 5, 6)).astype(np.float32)
+    y[0, 3:] = -1
+    y[2, 1:] = -1
+    metric = MaskedAUC(num_thresholds=2000)
+    metric.update_state(y, p)
+    real = y >= 0
+    assert float(metric.result()) == pytest.approx(roc_auc_score(y[real], p[real]), abs=2e-3)
+
+
+def test_cascade_refine_with_an_untrained_stage_keeps_the_cascade():
+    """Cascade.refine packs series by position, runs the stage and puts every slice back in
+    its row: with a fresh stage (the identity on the cascade) the rows come back unchanged."""
+    from ich.evaluation.inference import Cascade
+
+    model = build_sequence(D, width=8)
+    meta = {"stages": [{"name": "sequence", "file": "sequence.keras", "labels": [], "kind": "sequence"}]}
+    cascade = Cascade(models={"sequence": model}, meta=meta)
+    rng = np.random.default_rng(0)
+    probs = rng.uniform(0.01, 0.99, (5, 6)).astype(np.float32)
+    features = rng.normal(size=(5, D)).astype(np.float32)
+    refined, runs, study = cascade.refine(["x", "y", "x", "x", "y"], [2, 0, 0, 1, -1], probs, features)
+    np.testing.assert_allclose(refined, probs, atol=1e-5)
+    assert [list(r) for r in runs] == [[2, 3, 0], [4, 1]]
+    np.testing.assert_allclose(study, [probs[[0, 2, 3]].max(axis=0), probs[[1, 4]].max(axis=0)], atol=1e-5)

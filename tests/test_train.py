@@ -36,9 +36,11 @@ def make_work(work: Path, n_train: int = 16, n_val: int = 8, seed: int = 0) -> P
                 img[4 * k:4 * k + 6, 4:12, 0] = 255
         path = f"png/{image_id}.png"
         cv2.imwrite(str(work / path), img[..., ::-1])
+        # Series of four slices (one patient and study each), for the sequence stage.
         rows.append({"image_id": image_id, "split": "train" if i < n_train else "val",
-                     "patient_id": f"P{i}", **labels})
-        images.append({"image_id": image_id, "path": path})
+                     "patient_id": f"P{i // 4}", "study_id": f"ST{i // 4}", **labels})
+        images.append({"image_id": image_id, "path": path, "series_id": f"SE{i // 4}",
+                       "position": float(i % 4)})
     write(work / SPLITS_CSV, rows)
     write(work / IMAGES_CSV, images)
     return work
@@ -57,6 +59,7 @@ def tiny_cfg(tmp_path: Path, **sets) -> dict:
         "model.image_size": SIZE, "model.fusion_dim": 16, "model.attention_heads": 2,
         "train.batch_size": 8, "train.frozen_epochs": 1, "train.finetune_epochs": 2,
         "train.steps_per_epoch": 1, "train.early_stopping_patience": 50, "augment.enabled": False,
+        "sequence.width": 8, "sequence.dilations": [1], "sequence.epochs": 2,
     }
     overrides.update(sets)
     return config.load(None, [f"{k}={json.dumps(v)}" for k, v in overrides.items()])
@@ -106,6 +109,32 @@ def test_writes_models_cascade_and_logs(trained):
         assert [int(r["epoch"]) for r in rows] == [0, 1] and "val_auc" in rows[0]
         assert not (run_dir / "history" / f"{stage}_frozen.csv").exists()  # weights null: skipped
         assert list((run_dir / "logs" / stage).glob("events.out.tfevents.*"))
+    # The sequence stage: over the series of four slices, after the image stages.
+    assert stages["sequence"] == {"name": "sequence", "file": "sequence.keras", "labels": list(LABELS),
+                                  "given": None, "kind": "sequence", "pooling": "max"}
+    assert [s["name"] for s in cascade["stages"]] == ["stage1", "stage2", "sequence"]
+    assert [int(r["epoch"]) for r in history(run_dir, "sequence_train")] == [0, 1]
+    assert set(cascade["cascade_thresholds"]) == set(LABELS)  # the image stages' own, for the report
+
+
+def test_sequence_stage_loads_and_refines_whole_series(trained):
+    from ich.data.loading import load_split
+    from ich.evaluation.inference import load_cascade, refine_split
+
+    cfg, run_dir, _ = trained
+    cascade = load_cascade(run_dir)
+    assert cascade.sequence_stage["name"] == "sequence"
+    val = load_split(Path(cfg["paths"]["work_dir"]), "val", cascade.spec, "packed", 1)
+    out = refine_split(cascade, val, 8, "val")
+    assert out["refined"].shape == out["cascade"].shape == (8, 6)
+    assert np.isfinite(out["refined"]).all()
+    # Two val series of four slices; the series label is any of its slices'.
+    assert list(out["series"]["series_id"]) == ["SE4", "SE5"] and list(out["series"]["n_slices"]) == [4, 4]
+    truth = val.table[list(LABELS)].to_numpy()
+    np.testing.assert_array_equal(out["series"][[f"{l}_true" for l in LABELS]].to_numpy(),
+                                  [truth[:4].max(axis=0), truth[4:].max(axis=0)])
+    np.testing.assert_allclose(out["series_max"][list(LABELS)].to_numpy(),
+                               [out["cascade"][:4].max(axis=0), out["cascade"][4:].max(axis=0)], atol=1e-6)
 
 
 def test_saved_models_are_clean_float32_and_predict(trained):

@@ -29,6 +29,9 @@ RESOLVED_CONFIG = "config.resolved.yaml"
 MODEL_SUFFIX = ".keras"
 STAGE1_MODEL = "stage1" + MODEL_SUFFIX
 STAGE2_MODEL = "stage2" + MODEL_SUFFIX
+SEQUENCE_MODEL = "sequence" + MODEL_SUFFIX
+# Kinds of stage in cascade.json: a model on one input image, or one over a series' slices.
+IMAGE, SEQUENCE = "image", "sequence"
 CASCADE_JSON = "cascade.json"
 HISTORY_DIR = "history"
 LOGS_DIR = "logs"

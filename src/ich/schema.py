@@ -47,6 +47,12 @@ def _split_fraction(value: float) -> float:
 SplitFraction = Annotated[Real, AfterValidator(_split_fraction)]
 
 
+def _odd(value: int) -> int:
+    if value % 2 == 0:
+        raise ValueError("must be odd: the convolution is centred on each slice")
+    return value
+
+
 class Section(BaseModel):
     """Common settings: unknown keys refused, strict types, no defaults (base.yaml has them)."""
 
@@ -188,6 +194,17 @@ class Train(Section):
     tensorboard_examples: Count
 
 
+class Sequence(Section):
+    width: PositiveInt
+    kernel_size: Annotated[int, Field(ge=1), AfterValidator(_odd)]  # centred on each slice
+    dilations: Annotated[list[PositiveInt], Field(min_length=1)]
+    dropout: Annotated[Real, Field(ge=0, lt=1)]
+    pooling: Literal["max", "attention"]
+    epochs: PositiveInt
+    lr: Annotated[float, Field(gt=0)]
+    batch_size: PositiveInt
+
+
 class Evaluate(Section):
     threshold_method: Literal["youden", "f1"]
     report_examples: Count
@@ -226,6 +243,7 @@ class Config(Section):
     data: Data
     model: Model
     train: Train
+    sequence: Sequence
     evaluate: Evaluate
     predict: Predict
     tracking: Literal["none", "mlflow"]

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ich.data.series import series_runs
+
 ALL_WINDOWS = "all"
 PNG_CHANNELS = 3  # a preprocessed PNG is RGB: one window per channel
 
@@ -120,22 +122,10 @@ def neighbour_rows(series_ids, positions, offsets) -> np.ndarray:
     repeats. A row without a series id (empty or NaN) is a series of its own: every offset
     points at itself.
     """
-    series = np.asarray(series_ids, dtype=object)
-    position = np.asarray(positions, dtype=np.float64)
     offsets = np.asarray(list(offsets), dtype=np.int64)
-    n = len(series)
+    n = len(np.asarray(series_ids, dtype=object))
     out = np.repeat(np.arange(n)[:, None], len(offsets), axis=1)
-    missing = np.array([s is None or (isinstance(s, float) and np.isnan(s)) or s == "" for s in series],
-                       dtype=bool)
-    keys = np.where(missing, [f"\0row{i}" for i in range(n)], series.astype(str))
-    position = np.where(np.isnan(position), 0.0, position)
-    # Sort by series, then position, then table order: each series becomes one contiguous run.
-    order = np.lexsort((np.arange(n), position, keys))
-    sorted_keys = keys[order]
-    starts = np.flatnonzero(np.r_[True, sorted_keys[1:] != sorted_keys[:-1]])
-    ends = np.r_[starts[1:], n]
-    for start, end in zip(starts, ends):
-        run = order[start:end]
+    for run in series_runs(series_ids, positions):
         rank = np.arange(len(run))
         for j, offset in enumerate(offsets):
             out[run, j] = run[np.clip(rank + offset, 0, len(run) - 1)]

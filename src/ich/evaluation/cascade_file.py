@@ -1,19 +1,31 @@
 """A run's cascade.json, read and checked, and the checks on what the cascade gives back.
 
 In: a run directory (or an export folder) holding cascade.json; probabilities with their image
-names. Out: the parsed, checked description; ValueError naming the fault. Keras-free, so an
-ONNX export is read and run without a deep-learning backend.
+names; model inputs. Out: the parsed, checked description; ValueError naming the fault; and
+`CascadeBase`, what a Keras cascade (ich.evaluation.inference) and an ONNX export
+(ich.evaluation.onnx_cascade) share: the input description, thresholds, batching and input
+conversion. Keras-free, so an ONNX export is read and run without a deep-learning backend.
+
+cascade.json "stages" lists image stages (kind "image", the default: a model on one input
+image) and at most one "sequence" stage, which runs over a series' per-slice features after
+them; the image stages together give every label once.
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
-from ich.constants import CASCADE_JSON, LABELS
+from ich.constants import CASCADE_JSON, IMAGE, LABELS, SEQUENCE
 from ich.data.inputs import InputSpec
+from ich.data.windowing import resize
+
+from ich.evaluation.metrics import DEFAULT_THRESHOLD
+
 
 
 def read_cascade_json(run_dir: Path) -> dict:
@@ -34,6 +46,11 @@ def read_cascade_json(run_dir: Path) -> dict:
     covered = []
     for stage in meta["stages"]:
         plain_file_name(stage.get("file", ""), f"{path}: stage {stage.get('name')}")  # issue 10
+        kind = stage_kind(stage)
+        if kind not in (IMAGE, SEQUENCE):
+            raise ValueError(f"{path}: stage {stage.get('name')} has unknown kind {kind!r}")
+        if kind == SEQUENCE:
+            continue
         if stage.get("given") and stage["given"] not in covered:
             raise ValueError(f"{path}: stage {stage['name']} is conditional on {stage['given']!r}, "
                              "which no earlier stage predicts")
@@ -45,6 +62,11 @@ def read_cascade_json(run_dir: Path) -> dict:
     except (KeyError, TypeError, ValueError) as err:
         raise ValueError(f"{path}: bad input description ({err})") from err
     return meta
+
+
+def stage_kind(stage: dict) -> str:
+    """A cascade.json stage entry's kind: "image" (the default) or "sequence"."""
+    return str(stage.get("kind") or IMAGE)
 
 
 def plain_file_name(name, where: str) -> str:
@@ -68,3 +90,99 @@ def check_finite(probs: np.ndarray, ids, what: str) -> None:
         raise ValueError(f"{what}: the model gave NaN or infinite probabilities for "
                          f"{int(bad.sum())} image(s): {', '.join(names)}{more}; the model is "
                          "broken (retrain it, e.g. with a lower learning rate) or these inputs are")
+
+
+def to_model_input(images: np.ndarray, size: int) -> np.ndarray:
+    """(N, H, W, C) uint8 or float in [0, 1] -> float32 (N, size, size, C) in [0, 1]."""
+    if images.dtype == np.uint8:
+        x = images.astype(np.float32) / 255.0
+    else:
+        x = images.astype(np.float32, copy=False)
+        if x.size and (x.min() < 0 or x.max() > 1.0 + 1e-6):
+            raise ValueError(f"float images must lie in [0, 1]; got [{x.min():.3g}, {x.max():.3g}] "
+                             "(pass uint8 0-255 images as uint8)")
+    if x.shape[1:3] != (size, size):
+        x = np.stack([resize(img, size) for img in x])
+    return x
+
+
+@dataclass
+class CascadeBase:
+    """What every loaded cascade shares: its cascade.json (`meta`), the input description,
+    thresholds, and batch-by-batch prediction of model inputs. Subclasses say how one batch of
+    float32 inputs becomes (k, 6) probabilities (`predict_inputs`) and whether a short last batch
+    is padded (`pad_batches`: compiled backends keep one traced shape)."""
+
+    meta: dict = field(default_factory=dict)
+    pad_batches = False
+
+    @property
+    def spec(self) -> InputSpec:
+        """The input description the models were trained with."""
+        return InputSpec.from_json(self.meta["input"])
+
+    @property
+    def image_size(self) -> int:
+        """Side of the square model input in pixels."""
+        return self.spec.image_size
+
+    @property
+    def thresholds(self) -> dict[str, float]:
+        """Decision threshold per label (chosen on val at the end of `ich train`)."""
+        saved = self.meta.get("thresholds") or {}
+        return {label: float(saved.get(label, DEFAULT_THRESHOLD)) for label in LABELS}
+
+    @property
+    def image_stages(self) -> list[dict]:
+        """cascade.json's image stages, in order."""
+        return [s for s in self.meta["stages"] if stage_kind(s) == IMAGE]
+
+    @property
+    def sequence_stage(self) -> dict | None:
+        """cascade.json's sequence stage, or None when the run has none."""
+        return next((s for s in self.meta["stages"] if stage_kind(s) == SEQUENCE), None)
+
+    def predict_inputs(self, x: np.ndarray) -> np.ndarray:
+        """float32 model inputs (k, S, S, C) in [0, 1] -> (k, 6) probabilities, one batch."""
+        raise NotImplementedError
+
+    def predict(self, images, batch_size: int = 32) -> np.ndarray:
+        """Probabilities (N, 6) float32 in LABELS order for model inputs (N, S, S, C)."""
+        out = np.empty((len(images), len(LABELS)), dtype=np.float32)
+        for start, probs in self.iter_predict(images, batch_size):
+            out[start:start + len(probs)] = probs
+        return out
+
+    def iter_predict(self, images, batch_size: int = 32) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield (index of the batch's first input, probabilities (k, 6)) batch by batch; works
+        on a memory-mapped array without loading it whole."""
+        check_images(images, self.spec.n_channels)
+        n = len(images)
+        if n == 0:
+            return
+        size = batch_length(n, batch_size)
+        for start in range(0, n, size):
+            x = to_model_input(np.asarray(images[start:start + size]), self.image_size)
+            padded = pad(x, size) if self.pad_batches else x
+            yield start, self.predict_inputs(padded)[:len(x)]
+
+
+def batch_length(n: int, batch_size: int) -> int:
+    """The batch size used for n inputs: never larger than n (padding 5 images to a batch of 32
+    would waste the CPU's time)."""
+    return max(1, min(int(batch_size), n))
+
+
+def pad(x: np.ndarray, size: int) -> np.ndarray:
+    """Pad a short last batch with zeros to `size` rows: compiled backends keep one shape."""
+    if len(x) >= size:
+        return x
+    return np.concatenate([x, np.zeros((size - len(x), *x.shape[1:]), dtype=x.dtype)])
+
+
+def check_images(images, channels: int) -> None:
+    """ValueError unless `images` is an (N, S, S, channels) array."""
+    shape = getattr(images, "shape", None)
+    if shape is None or len(shape) != 4 or shape[-1] != channels:
+        raise ValueError(f"model inputs must be an array (N, S, S, {channels}) as the run's input "
+                         f"description assembles them; got shape {shape}")

@@ -7,7 +7,9 @@ a model card {name: value}, Grad-CAM examples (PNG bytes and captions), and note
 HTML text (`render_html`) or the file (`write_html`).
 
 Sections, each an element with a fixed id (tests look for them): disclaimer, summary
-(the test set and its prevalence), results (table with 95% CIs per level), operating-points,
+(the test set and its prevalence), comparison (only with `Report.comparison`: ROC AUC of
+the image stages alone beside the sequence stage's, per slice and per study), results (table
+with 95% CIs per level), operating-points,
 roc (curves with bootstrap bands), pr, calibration (reliability diagrams, Brier, ECE),
 confusion (matrices at the chosen thresholds), studies (study-level results), gradcam,
 model-card, notes.
@@ -87,6 +89,8 @@ class Report:
     examples: list[Example] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     test_set: str = ""
+    comparison: Mapping[str, dict] = field(default_factory=dict)  # column name -> metrics, side by side
+    study_source: str = "the highest over its slices"              # how a study's probability is made
 
 
 def write_html(path: Path, report: Report) -> Path:
@@ -100,6 +104,8 @@ def render_html(report: Report) -> str:
              f'<p class="muted">Generated {dt.datetime.now().isoformat(timespec="seconds")}</p>',
              f'<section id="disclaimer"><p class="disclaimer">{_e(DISCLAIMER)}</p></section>',
              _summary(report)]
+    if report.comparison:
+        parts.append(_comparison(report))
     parts.append('<section id="results"><h2>Results with 95% confidence intervals</h2>'
                  + "".join(_results_table(level) for level in report.levels) + _ci_note(report) + "</section>")
     parts.append('<section id="operating-points"><h2>Operating points</h2>'
@@ -141,6 +147,20 @@ def _summary(report: Report) -> str:
     text = f"<p>{_e(report.test_set)}</p>" if report.test_set else ""
     return ('<section id="summary"><h2>Test set and prevalence</h2>' + text
             + _table(["level", "label", "n", "positives", "prevalence"], rows) + "</section>")
+
+
+def _comparison(report: Report) -> str:
+    """ROC AUC (95% interval) per label of every compared level, in one table."""
+    names = list(report.comparison)
+    rows = [[label] + [_ci(report.comparison[name]["labels"][label], "roc_auc")
+                       if label in report.comparison[name]["labels"] else "" for name in names]
+            for label in report.comparison[names[0]]["labels"]]
+    rows.append(["macro"] + [_f(report.comparison[name]["overall"].get("macro_roc_auc")) for name in names])
+    return ('<section id="comparison"><h2>Stages compared (ROC AUC, 95% interval)</h2>'
+            "<p>The same test split scored by the image stages alone (one input per slice, its "
+            "neighbouring slices included when the input description has them) and after the "
+            "sequence stage, per slice and per study.</p>"
+            + _table(["label", *names], rows) + "</section>")
 
 
 def _results_table(level: Level) -> str:
@@ -207,7 +227,7 @@ def _studies(report: Report) -> str:
                  _ci(level.metrics["labels"][label], "specificity"),
                  level.metrics["labels"][label]["support"], level.metrics["labels"][label]["n"]]
                 for label in level.labels]
-        body = ("<p>A study's probability per label is the highest over its slices.</p>"
+        body = (f"<p>A study's probability per label is {_e(report.study_source)}.</p>"
                 + _table(["label", "ROC AUC", "sensitivity", "specificity", "positive studies", "studies"], rows))
     return f'<section id="studies"><h2>Study-level results</h2>{body}</section>'
 

@@ -3,23 +3,21 @@
 In: an export folder holding cascade.json (with an "export" entry) and cascade.onnx, then images
 (N, S, S, C), uint8 (0-255) or float (0-1). Out: float32 (N, 6) probabilities in LABELS order,
 the same numbers as ich.evaluation.inference.Cascade gives for the run it was exported from
-(within float tolerance). The interface is Cascade's: predict, iter_predict, image_size,
-thresholds, meta, so `ich predict` and evaluation use either. Imports neither Keras nor a
-deep-learning backend: a deployment needs numpy, opencv and onnxruntime only.
+(within float tolerance). The interface is Cascade's (ich.evaluation.cascade_file.CascadeBase),
+so `ich predict` and evaluation use either. Imports neither Keras nor a deep-learning backend: a deployment needs numpy, opencv and onnxruntime only.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from ich.constants import CASCADE_JSON, LABELS
 from ich.data.inputs import InputSpec
-from ich.data.windowing import resize
+from ich.evaluation.cascade_file import CascadeBase
 
 FORMAT = "onnx"
 
@@ -37,54 +35,23 @@ def is_export(folder: str | Path) -> bool:
 
 
 @dataclass
-class OnnxCascade:
-    """An onnxruntime session over cascade.onnx and the export's cascade.json."""
+class OnnxCascade(CascadeBase):
+    """An onnxruntime session over cascade.onnx and the export's cascade.json. The export holds
+    the image stages; a run's sequence stage is not exported, so studies from an export are the
+    maximum over their slices."""
 
-    session: object  # onnxruntime.InferenceSession: images (N, S, S, C) float32 -> (N, 6)
-    meta: dict = field(default_factory=dict)
-
-    @property
-    def spec(self) -> InputSpec:
-        """The input description the exported models were trained with."""
-        return InputSpec.from_json(self.meta["input"])
+    session: object = None  # onnxruntime.InferenceSession: images (N, S, S, C) float32 -> (N, 6)
 
     @property
-    def image_size(self) -> int:
-        """Side of the square model input in pixels."""
-        return self.spec.image_size
+    def sequence_stage(self) -> None:
+        """None: the export runs the per-slice cascade only."""
+        return None
 
-    @property
-    def thresholds(self) -> dict[str, float]:
-        """Decision threshold per label, as the run had them when it was exported."""
-        from ich.evaluation.metrics import DEFAULT_THRESHOLD
-
-        saved = self.meta.get("thresholds") or {}
-        return {label: float(saved.get(label, DEFAULT_THRESHOLD)) for label in LABELS}
-
-    def predict(self, images, batch_size: int = 32) -> np.ndarray:
-        """Probabilities (N, 6) float32 in LABELS order for images (N, S, S, C), uint8 or float."""
-        out = np.empty((len(images), len(LABELS)), dtype=np.float32)
-        for start, probs in self.iter_predict(images, batch_size):
-            out[start:start + len(probs)] = probs
-        return out
-
-    def iter_predict(self, images, batch_size: int = 32) -> Iterator[tuple[int, np.ndarray]]:
-        """Yield (index of the batch's first image, probabilities (k, 6)) batch by batch.
-
-        The graph's batch dimension is dynamic, so the last batch is not padded.
-        """
-        channels = self.spec.n_channels
-        shape = getattr(images, "shape", None)
-        if shape is None or len(shape) != 4 or shape[-1] != channels:
-            raise ValueError(f"model inputs must be an array (N, S, S, {channels}) as the run's "
-                             f"input description assembles them; got shape {shape}")
-        n = len(images)
-        size = max(1, min(int(batch_size), n))
-        name = self.meta["export"]["input"]["name"]
-        for start in range(0, n, size):
-            x = to_model_input(np.asarray(images[start:start + size]), self.image_size)
-            (probs,) = self.session.run(None, {name: x})
-            yield start, np.asarray(probs, dtype=np.float32)
+    def predict_inputs(self, x: np.ndarray) -> np.ndarray:
+        """float32 model inputs (k, S, S, C) -> (k, 6); the graph's batch dimension is dynamic,
+        so batches are never padded."""
+        (probs,) = self.session.run(None, {self.meta["export"]["input"]["name"]: x})
+        return np.asarray(probs, dtype=np.float32)
 
 
 def load_onnx_cascade(folder: str | Path, threads: int | None = None) -> OnnxCascade:
@@ -126,21 +93,3 @@ def load_onnx_cascade(folder: str | Path, threads: int | None = None) -> OnnxCas
     session = onnxruntime.InferenceSession(str(model), sess_options=options,
                                            providers=onnxruntime.get_available_providers())
     return OnnxCascade(session=session, meta=meta)
-
-
-def to_model_input(images: np.ndarray, size: int) -> np.ndarray:
-    """(N, H, W, C) uint8 or float in [0, 1] -> float32 (N, size, size, C) in [0, 1].
-
-    The same conversion as ich.evaluation.inference.to_model_input, here so that running an
-    export never imports that (Keras) module.
-    """
-    if images.dtype == np.uint8:
-        x = images.astype(np.float32) / 255.0
-    else:
-        x = images.astype(np.float32, copy=False)
-        if x.size and (x.min() < 0 or x.max() > 1.0 + 1e-6):
-            raise ValueError(f"float images must lie in [0, 1]; got [{x.min():.3g}, {x.max():.3g}] "
-                             "(pass uint8 0-255 images as uint8)")
-    if x.shape[1:3] != (size, size):
-        x = np.stack([resize(img, size) for img in x])
-    return x

@@ -299,6 +299,7 @@ def render_markdown(metrics: dict, images: Mapping[str, str], histories: Mapping
         "full hidden test set with models using neighbouring slices; a score on this run's test "
         "split is not comparable to it.",
         "",
+        *stage_comparison(metrics),
         "## Plots",
         "",
     ]
@@ -323,6 +324,24 @@ def render_markdown(metrics: dict, images: Mapping[str, str], histories: Mapping
         lines += ["## Configuration", "", *md_table(["setting", "value"],
                                                     [[k, v] for k, v in settings.items()]), ""]
     return "\n".join(lines)
+
+
+def stage_comparison(metrics: dict) -> list[str]:
+    """Markdown lines: ROC AUC per label of the image stages alone and after the sequence stage,
+    per slice and per study, side by side (nothing when the run has no sequence stage)."""
+    image = metrics.get("image_stages")
+    if not image:
+        return []
+    columns = {"slices, image stages": image, "slices, sequence stage": metrics}
+    if "studies" in image and "studies" in metrics:
+        columns.update({"studies, image stages (max)": image["studies"],
+                        "studies, sequence stage": metrics["studies"]})
+    rows = [[label, *(fmt(m["labels"][label]["roc_auc"]) for m in columns.values())] for label in LABELS]
+    rows.append(["macro", *(fmt(m["overall"]["macro_roc_auc"]) for m in columns.values())])
+    return ["## Stages compared (ROC AUC)", "", *md_table(["label", *columns], rows), "",
+            "The metrics above are the sequence stage's (the run's final output); a study's "
+            "probability there is the sequence stage's, here beside the highest slice probability "
+            "of the image stages.", ""]
 
 
 def md_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:

@@ -163,3 +163,39 @@ def build_sequence(feature_dim: int, with_probabilities: bool = True, width: int
         pooled = MaskedAttentionPool(name="attention_pool")(logits, scores, mask)
         study = keras.layers.Activation("sigmoid", name="study")(pooled)
     return keras.Model(inputs, {"slices": slices, "study": study}, name=name)
+
+
+def training_model(model: keras.Model) -> keras.Model:
+    """The sequence model with one output for fit: (N, T + 1, 6), the refined slices with the
+    study row appended. One output keeps one loss and one monitored `val_auc`, so the stage
+    trains with the same callbacks as the image stages; labels pad with PAD_LABEL (-1), which
+    the loss and metric skip. It shares the model's layers: training it trains the model."""
+    outputs = model(model.inputs if isinstance(model.inputs, dict) else
+                    {t.name.split(":")[0]: t for t in model.inputs})
+    study = keras.layers.Reshape((1, N_LABELS), name="study_row")(outputs["study"])
+    joined = keras.layers.Concatenate(axis=1, name="slices_and_study")([outputs["slices"], study])
+    return keras.Model(model.inputs, joined, name=f"{model.name}_training")
+
+
+@keras.saving.register_keras_serializable(package="ich")
+def masked_bce(y_true, y_pred):
+    """Binary cross-entropy averaged over the entries whose label is not PAD_LABEL (< 0)."""
+    y_true = keras.ops.cast(y_true, "float32")
+    y_pred = keras.ops.clip(keras.ops.cast(y_pred, "float32"), 1e-7, 1 - 1e-7)
+    real = keras.ops.cast(y_true >= 0, "float32")
+    target = keras.ops.maximum(y_true, 0.0)
+    loss = -(target * keras.ops.log(y_pred) + (1 - target) * keras.ops.log(1 - y_pred))
+    return keras.ops.sum(loss * real) / keras.ops.maximum(keras.ops.sum(real), 1.0)
+
+
+@keras.saving.register_keras_serializable(package="ich")
+class MaskedAUC(keras.metrics.AUC):
+    """ROC AUC over every (slice or study, label) entry whose label is not PAD_LABEL: one
+    pooled AUC, steadier on a small validation split than a per-study AUC."""
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        """Flatten, weight padded entries 0, and clip their -1 labels to 0 (weight 0 anyway)."""
+        y_true = keras.ops.reshape(keras.ops.cast(y_true, "float32"), (-1,))
+        y_pred = keras.ops.reshape(keras.ops.cast(y_pred, "float32"), (-1,))
+        weight = keras.ops.cast(y_true >= 0, "float32")
+        return super().update_state(keras.ops.maximum(y_true, 0.0), y_pred, sample_weight=weight)

@@ -36,9 +36,8 @@ from ich.data.loading import load_split
 from ich.errors import StepError
 from ich.evaluation.calibration import calibration_effect
 from ich.evaluation.cascade_file import check_finite, read_cascade_json
-from ich.evaluation.inference import load_cascade, predict_split
+from ich.evaluation.inference import load_cascade, refine_split
 from ich.evaluation.metrics import choose_threshold, evaluate_all
-from ich.evaluation.studies import aggregate_studies
 from ich.evaluation.report import fmt, pick_examples, write_report
 from ich.io import Timer, summary, write_csv, write_json
 from ich.steps.evaluate_external import REPORT_HTML, write_html_report
@@ -90,24 +89,30 @@ def run(cfg: dict, force: bool = False) -> Path:
         raise StepError(f"the test split in {work_dir / SPLITS_CSV} is empty: nothing to evaluate; "
                         "use more patients or larger split.fractions[2]")
     test_table = test.table.iloc[test.targets].reset_index(drop=True)
-    test_prob = predict_split(cascade, test, batch_size, "test")
+    scored = refine_split(cascade, test, batch_size, "test")
+    test_prob = scored["refined"]          # the run's final per-slice output
+    has_sequence = cascade.sequence_stage is not None
     try:
         check_finite(test_prob, test_table["image_id"], "evaluate")  # issue 10
     except ValueError as err:
         raise StepError(str(err)) from err
     method = cfg["evaluate"]["threshold_method"]
     thresholds, source = cascade.thresholds, f"the run ({CASCADE_JSON}, chosen on val)"
+    cascade_thresholds = {**thresholds, **cascade.meta.get("cascade_thresholds", {})}
     calibration = cfg["evaluate"]["calibration"]
     val_true = val_prob = None
     if cascade.meta.get("threshold_method") != method or calibration != "none":
         val = load_split(work_dir, "val", cascade.spec, cfg["data"]["cache"], workers)
         if len(val.targets):
-            val_prob = predict_split(cascade, val, batch_size, "val")
+            val_levels = refine_split(cascade, val, batch_size, "val")
+            val_prob = val_levels["refined"]
             val_true = val.table.iloc[val.targets][list(LABELS)].to_numpy()
     if cascade.meta.get("threshold_method") != method:
         if val_prob is not None:
             thresholds = {label: choose_threshold(val_true[:, j], val_prob[:, j], method)
                           for j, label in enumerate(LABELS)}
+            cascade_thresholds = {label: choose_threshold(val_true[:, j], val_levels["cascade"][:, j], method)
+                                  for j, label in enumerate(LABELS)}
             source = "this evaluation, chosen on val"
             log.info("evaluate: the run's thresholds were chosen by %s; choosing %s thresholds on "
                      "val for this report (the run's are left as they are)",
@@ -124,16 +129,31 @@ def run(cfg: dict, force: bool = False) -> Path:
         for label, effect in calibration_effect(val_true, val_prob, test_true, test_prob, calibration,
                                                 LABELS).items():
             metrics["labels"][label]["calibrated"] = effect
-    studies = study_results(test_table, test_prob)
+    studies = study_results(scored["series"])
     levels = {"test images": (test_true.astype(float), test_prob, patients, list(LABELS))}
+    comparison = {}
+    # A study's patient is that of its target slices (context slices share their series' study).
+    study_patient = test_table.drop_duplicates("study_id").set_index("study_id")["patient_id"]
     if len(studies):
         truth = studies[[f"{label}{TRUE_SUFFIX}" for label in LABELS]].to_numpy()
-        study_patients = studies["study_id"].map(
-            test_table.drop_duplicates("study_id").set_index("study_id")["patient_id"]).astype(str).to_numpy()
+        study_patients = studies["study_id"].map(study_patient).fillna(studies["study_id"]).astype(str).to_numpy()
         metrics["studies"] = evaluate_all(truth, studies[list(LABELS)].to_numpy(), thresholds,
                                           groups=study_patients, bootstrap=bootstrap, seed=seed)
+        metrics["studies"]["source"] = "sequence stage" if has_sequence else "max over slices"
         levels["studies"] = (truth.astype(float), studies[list(LABELS)].to_numpy(), study_patients, list(LABELS))
         write_csv(studies, eval_dir / STUDIES_CSV)
+    if has_sequence:
+        # The image stages alone, per slice and per study (max), beside the sequence stage.
+        metrics["image_stages"] = evaluate_all(test_true, scored["cascade"], cascade_thresholds,
+                                               groups=patients, bootstrap=bootstrap, seed=seed)
+        comparison = {"slices, image stages": metrics["image_stages"], "slices, sequence stage": metrics}
+        if len(studies):
+            plain = study_results(scored["series_max"])
+            metrics["image_stages"]["studies"] = evaluate_all(
+                truth, plain.set_index("study_id").loc[studies["study_id"], list(LABELS)].to_numpy(),
+                cascade_thresholds, groups=study_patients, bootstrap=bootstrap, seed=seed)
+            comparison.update({"studies, image stages (max)": metrics["image_stages"]["studies"],
+                               "studies, sequence stage": metrics["studies"]})
     ids = test_table["image_id"].astype(str)
     write_csv(pd.concat([ids, pd.DataFrame(test_prob, columns=list(LABELS))], axis=1),
               eval_dir / PREDICTIONS_CSV)
@@ -151,7 +171,9 @@ def run(cfg: dict, force: bool = False) -> Path:
     html_metrics = {"test images": metrics, **({"studies": metrics["studies"]} if "studies" in metrics else {})}
     write_html_report(eval_dir / REPORT_HTML, cascade, run_dir, html_metrics, levels, bootstrap, seed,
                       title="Intracranial hemorrhage detection: evaluation report",
-                      test_set=test_set_text(test_table, len(studies)),
+                      test_set=test_set_text(test_table, len(studies)), comparison=comparison,
+                      study_source=("the sequence stage's output for the study (its highest over the "
+                                    "study's series)" if has_sequence else None),
                       examples=gradcam_examples(cascade, test, rows, ids, test_prob),
                       notes=["Thresholds: " + source + f", by {method}.",
                              "Subtype probabilities are p(any) x p(subtype | any).",
@@ -219,14 +241,18 @@ def gradcam_examples(cascade, test, rows: list[int], ids, probs: np.ndarray) -> 
     return out
 
 
-def study_results(table: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
-    """Per test study: study_id, n_slices, the six probabilities (max over its slices) and the
-    six labels (`<label>_true`: positive when any of its slices is)."""
-    frame = pd.DataFrame(probs, columns=list(LABELS))
-    frame["study_id"] = table["study_id"].to_numpy()
-    for label in LABELS:
-        frame[f"{label}{TRUE_SUFFIX}"] = table[label].to_numpy()
-    return aggregate_studies(frame, [*LABELS, *(f"{label}{TRUE_SUFFIX}" for label in LABELS)])
+def study_results(series: pd.DataFrame) -> pd.DataFrame:
+    """Per study of a series table (ich.evaluation.inference.refine_split's "series"): study_id,
+    n_slices, the six probabilities (highest over its series) and the six labels
+    (`<label>_true`: positive when any of its slices is). Series without a study id are left out."""
+    true = [f"{label}{TRUE_SUFFIX}" for label in LABELS]
+    frame = series[series["study_id"].astype(str) != ""]
+    if frame.empty:
+        return pd.DataFrame(columns=["study_id", "n_slices", *LABELS, *true])
+    grouped = frame.groupby("study_id", sort=True)
+    out = grouped[[*LABELS, *true]].max()
+    out.insert(0, "n_slices", grouped["n_slices"].sum())
+    return out.reset_index()[["study_id", "n_slices", *LABELS, *true]]
 
 
 def data_counts(work_dir: Path) -> dict[str, dict[str, int]]:

@@ -174,15 +174,19 @@ def example_overlays(cascade, scored: pd.DataFrame, slices: np.ndarray, k: int) 
 
 def write_html_report(path: Path, cascade, run_dir: Path, metrics: dict, levels: dict,
                       bootstrap: int, seed: int, title: str, test_set: str, examples: list,
-                      notes: list[str]) -> Path:
-    """report.html from the levels' arrays and metrics (shared with `ich evaluate` on a run)."""
+                      notes: list[str], comparison: dict | None = None,
+                      study_source: str | None = None) -> Path:
+    """report.html from the levels' arrays and metrics (shared with `ich evaluate` on a run);
+    `comparison` (column name -> metrics) adds the side-by-side table of the stages."""
     from ich.evaluation.html import Level, Report, write_html
 
     report_levels = [Level(name, lv_labels, y_true, y_prob, groups, metrics[name], bootstrap, seed)
                      for name, (y_true, y_prob, groups, lv_labels) in levels.items()]
+    extra = {"study_source": study_source} if study_source else {}
     return write_html(path, Report(title=title, levels=report_levels,
                                    model_card=model_card(cascade.meta, run_dir), examples=examples,
-                                   notes=notes, test_set=test_set))
+                                   notes=notes, test_set=test_set, comparison=comparison or {},
+                                   **extra))
 
 
 def model_card(meta: dict, run_dir: Path) -> dict[str, object]:

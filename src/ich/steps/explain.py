@@ -115,7 +115,7 @@ def label_heatmaps(cascade, inputs: np.ndarray, label: str) -> np.ndarray:
     stage list): `any` from stage 1, a subtype from its column of stage 2 (p(subtype | any):
     where the model sees that kind of blood)."""
     from ich.evaluation.explain import gradcam
-    from ich.evaluation.inference import to_model_input
+    from ich.evaluation.cascade_file import to_model_input
 
     for stage in cascade.meta["stages"]:
         if label in stage["labels"]:

@@ -22,16 +22,17 @@ import keras
 import numpy as np
 
 from ich import backend, config
-from ich.constants import AUGMENTED_CSV, CASCADE_JSON, LABELS, SPLITS_CSV
+from ich.constants import AUGMENTED_CSV, CASCADE_JSON, LABELS, SEQUENCE, SPLITS_CSV
 from ich.data.inputs import InputSpec
 from ich.data.loading import load_split
 from ich.errors import StepError
-from ich.evaluation.inference import load_cascade, predict_split
+from ich.evaluation.inference import load_cascade, refine_split
 from ich.evaluation.metrics import choose_threshold
 from ich.io import write_json
 from ich.stamps import Stamp, reason, record, record_path
 from ich.training import distribution
-from ich.training.stages import STAGES, Stage, get_stage, stage_seed
+from ich.training.sequence import train_sequence
+from ich.training.stages import STAGES, Stage, get_stage, image_stage_names, stage_seed
 from ich.training.trainer import clear_stage, train_stage
 
 log = logging.getLogger("ich")
@@ -44,11 +45,18 @@ def stage_stamp(cfg: dict, stage: Stage) -> Stamp:
     record), the augmented copies, and the trained stages it starts from."""
     work, run_dir = Path(cfg["paths"]["work_dir"]), Path(cfg["paths"]["run_dir"])
     inputs = [work / SPLITS_CSV, record_path(work, "preprocess")]
-    if cfg["augment"]["enabled"]:
+    if cfg["augment"]["enabled"] and stage.kind != SEQUENCE:  # augmented copies have no series
         inputs += [work / AUGMENTED_CSV, record_path(work, "augment")]
     inputs += [run_dir / STAGES[name].file for name in stage.starts_from(cfg)]
     return Stamp(f"train.{stage.name}", run_dir, settings=stage.settings(cfg), inputs=inputs,
                  outputs=[run_dir / stage.file])
+
+
+def run_stages(cfg: dict) -> list[str]:
+    """The stages cascade.json lists: every image stage, then the sequence stage when
+    train.stages names it (an old sequence model of a run that no longer lists it is ignored)."""
+    return [*image_stage_names(), *(name for name in cfg["train"]["stages"]
+                                    if name in STAGES and STAGES[name].kind == SEQUENCE)]
 
 
 def thresholds_stamp(cfg: dict) -> Stamp:
@@ -56,9 +64,9 @@ def thresholds_stamp(cfg: dict) -> Stamp:
     work, run_dir = Path(cfg["paths"]["work_dir"]), Path(cfg["paths"]["run_dir"])
     return Stamp("train.thresholds", run_dir,
                  settings={"threshold_method": cfg["evaluate"]["threshold_method"],
-                           "stages": list(cfg["train"]["stages"])},
+                           "stages": run_stages(cfg)},
                  inputs=[work / SPLITS_CSV, record_path(work, "preprocess"),
-                         *(run_dir / STAGES[name].file for name in STAGES)],
+                         *(run_dir / STAGES[name].file for name in run_stages(cfg))],
                  outputs=[run_dir / CASCADE_JSON])
 
 
@@ -102,17 +110,22 @@ def run(cfg: dict, force: bool = False) -> Path:
                     continue
                 missing = [d for d in stage.starts_from(cfg) if not (run_dir / STAGES[d].file).is_file()]
                 if missing:
+                    hint = ("" if stage.kind == SEQUENCE else
+                            " or set model.stage2_from_stage1 false")
                     raise StepError(f"{stage.name} starts from {missing}, which are not trained: add "
-                                    f"them to train.stages or set model.stage2_from_stage1 false")
+                                    f"them to train.stages{hint}")
                 log.info("train: training %s (%s)", stage.name, why)
                 if force or (run_dir / stage.file).exists():
                     clear_stage(run_dir, stage)  # a finished model of other settings: start over
-                train_stage(cfg, stage, spec, run_dir, stamp, stage_data(cfg, stage, spec, plan), jit)
+                if stage.kind == SEQUENCE:
+                    train_sequence(cfg, stage, run_dir, stamp, series_splits(cfg, spec))
+                else:
+                    train_stage(cfg, stage, spec, run_dir, stamp, stage_data(cfg, stage, spec, plan), jit)
                 record(stamp)
     finally:
         keras.mixed_precision.set_global_policy(previous_policy)
 
-    absent = [s.file for s in STAGES.values() if not (run_dir / s.file).is_file()]
+    absent = [STAGES[name].file for name in run_stages(cfg) if not (run_dir / STAGES[name].file).is_file()]
     if absent:
         raise StepError(f"{run_dir}: {', '.join(absent)} missing, so no {CASCADE_JSON} was written; "
                         f"add the stage(s) to train.stages and run `ich train` again")
@@ -157,15 +170,35 @@ def stage_data(cfg: dict, stage: Stage, spec: InputSpec, plan: distribution.Plan
     return out[0], out[1], y_train
 
 
-def cascade_description(cfg: dict, spec: InputSpec, mixed_precision: bool) -> dict:
-    """The cascade.json content for the models trained with `cfg` (thresholds at 0.5)."""
+def series_splits(cfg: dict, spec: InputSpec) -> dict:
+    """The train and val splits without augmented copies (they have no series): what the
+    sequence stage trains and validates on."""
+    work = Path(cfg["paths"]["work_dir"])
+    workers = config.resolve_workers(cfg["data"]["workers"])
+    try:
+        return {split: load_split(work, split, spec, cfg["data"]["cache"], workers)
+                for split in ("train", "val")}
+    except ValueError as err:
+        raise StepError(str(err)) from err
+
+
+def stage_entry(cfg: dict, stage: Stage) -> dict:
+    """A stage's entry in cascade.json."""
+    if stage.kind == SEQUENCE:
+        return {"name": stage.name, "file": stage.file, "labels": list(stage.labels),
+                "given": None, "kind": SEQUENCE, "pooling": cfg["sequence"]["pooling"]}
     model = cfg["model"]
     backbones = {"stage1": [model["stage1_backbone"]], "stage2": list(model["stage2_backbones"])}
+    return {"name": stage.name, "file": stage.file, "labels": list(stage.labels),
+            "given": stage.given, "backbones": backbones.get(stage.name, [])}
+
+
+def cascade_description(cfg: dict, spec: InputSpec, mixed_precision: bool) -> dict:
+    """The cascade.json content for the models trained with `cfg` (thresholds at 0.5)."""
     return {
         "labels": list(LABELS),
         "input": spec.to_json(),
-        "stages": [{"name": s.name, "file": s.file, "labels": list(s.labels), "given": s.given,
-                    "backbones": backbones.get(s.name, [])} for s in STAGES.values()],
+        "stages": [stage_entry(cfg, STAGES[name]) for name in run_stages(cfg)],
         "thresholds": {label: 0.5 for label in LABELS},
         "threshold_method": None,
         "backend": backend.current(),
@@ -177,7 +210,9 @@ def cascade_description(cfg: dict, spec: InputSpec, mixed_precision: bool) -> di
 def write_thresholds(cfg: dict, spec: InputSpec, mixed_precision: bool) -> Path:
     """Write cascade.json, then choose each label's threshold on the validation split
     (evaluate.threshold_method) and write it again with them. They belong to the run:
-    `ich predict` applies them and `ich evaluate` reports at them."""
+    `ich predict` applies them and `ich evaluate` reports at them. They are chosen for the run's
+    final per-slice output (the sequence stage's refined probabilities when the run has one;
+    the image stages' own then get "cascade_thresholds")."""
     run_dir = Path(cfg["paths"]["run_dir"])
     meta = cascade_description(cfg, spec, mixed_precision)
     write_json(meta, run_dir / CASCADE_JSON)
@@ -185,10 +220,17 @@ def write_thresholds(cfg: dict, spec: InputSpec, mixed_precision: bool) -> Path:
     data = load_split(Path(cfg["paths"]["work_dir"]), "val", spec, cfg["data"]["cache"],
                       config.resolve_workers(cfg["data"]["workers"]))
     if len(data.targets):
-        probs = predict_split(load_cascade(run_dir), data, int(cfg["predict"]["batch_size"]), "val")
+        cascade = load_cascade(run_dir)
+        levels = refine_split(cascade, data, int(cfg["predict"]["batch_size"]), "val")
         truth = data.table.iloc[data.targets][list(LABELS)].to_numpy()
-        meta["thresholds"] = {label: choose_threshold(truth[:, j], probs[:, j], method)
-                              for j, label in enumerate(LABELS)}
+
+        def chosen(probs):
+            return {label: choose_threshold(truth[:, j], probs[:, j], method)
+                    for j, label in enumerate(LABELS)}
+
+        meta["thresholds"] = chosen(levels["refined"])
+        if cascade.sequence_stage is not None:
+            meta["cascade_thresholds"] = chosen(levels["cascade"])
     else:
         log.warning("train: the val split is empty; every threshold stays 0.5")
     meta["threshold_method"] = method

@@ -11,6 +11,9 @@ Stage 1 learns p(any) on every training image with balanced class weights. Stage
 p(subtype | any) on the images positive for any with per-label positive weights inside the
 binary cross-entropy (Keras `class_weight` weights a multi-label output by its argmax); with
 model.stage2_from_stage1 its backbone of stage 1's architecture starts from trained stage 1.
+The sequence stage (kind "sequence", ich.training.sequence) runs after them over each series'
+per-slice features and probabilities of the trained image stages, ordered by position, and
+learns refined probabilities of all six labels per slice and per series.
 """
 
 from __future__ import annotations
@@ -24,11 +27,12 @@ import keras
 import numpy as np
 from sklearn.utils.class_weight import compute_class_weight
 
-from ich.constants import MODEL_SUFFIX, SUBTYPES
+from ich.constants import IMAGE, LABELS, MODEL_SUFFIX, SEQUENCE, SUBTYPES
 from ich.data.inputs import InputSpec
 from ich.models.backbones import PREFIX
 from ich.models.cascade import build_stage1, build_stage2
 from ich.models.losses import weighted_bce
+from ich.models.sequence import MaskedAUC, build_sequence, masked_bce
 
 log = logging.getLogger("ich")
 
@@ -43,11 +47,12 @@ class Stage:
     name: str                      # also the model file stem, history and log prefix
     labels: tuple[str, ...]        # its outputs, in order
     given: str | None              # trained on rows positive for this label; p = p(given) * output
-    build: Callable                # (cfg, spec, augmentation) -> uncompiled keras.Model
+    build: Callable                # image: (cfg, spec, augmentation); sequence: (cfg, feature_dim) -> uncompiled keras.Model
     loss: Callable                 # (cfg, y_train) -> (loss, class_weight or None)
     settings: Callable             # cfg -> the config values its model depends on
     starts_from: Callable          # cfg -> names of stages whose trained model it starts from
     init: Callable | None = None   # (model, cfg, run_dir) -> None: weights taken from those stages
+    kind: str = IMAGE              # image: a model on one input image; sequence: over a series' slices
 
     @property
     def file(self) -> str:
@@ -63,6 +68,8 @@ class Stage:
     def metric(self) -> keras.metrics.Metric:
         """The monitored validation AUC: per-label mean for several labels, so a rare label
         counts as much as a common one."""
+        if self.kind == SEQUENCE:
+            return MaskedAUC(name="auc")
         if len(self.labels) == 1:
             return keras.metrics.AUC(name="auc")
         return keras.metrics.AUC(name="auc", multi_label=True, num_labels=len(self.labels))
@@ -187,11 +194,33 @@ def _init_stage2(model: keras.Model, cfg: dict, run_dir: Path) -> None:
     log.info("train: stage2 %s starts from trained stage 1", name)
 
 
+def _build_sequence(cfg: dict, feature_dim: int) -> keras.Model:
+    seq = cfg["sequence"]
+    return build_sequence(feature_dim, with_probabilities=True, width=int(seq["width"]),
+                          kernel_size=int(seq["kernel_size"]), dilations=tuple(seq["dilations"]),
+                          dropout=float(seq["dropout"]), pooling=seq["pooling"])
+
+
+def _settings_sequence(cfg: dict) -> dict:
+    train = cfg["train"]
+    keys = ("early_stopping_patience", "lr_patience", "lr_factor", "min_lr")
+    return {"seed": cfg["seed"], "sequence": cfg["sequence"], "train": {k: train[k] for k in keys}}
+
+
+def image_stage_names() -> tuple[str, ...]:
+    """The image stages of STAGES, in order: every run has them; the sequence stage is optional."""
+    return tuple(name for name, stage in STAGES.items() if stage.kind == IMAGE)
+
+
 STAGES = {
     "stage1": Stage("stage1", labels=("any",), given=None, build=_build_stage1, loss=_loss_stage1,
                     settings=_settings_stage1, starts_from=lambda cfg: ()),
     "stage2": Stage("stage2", labels=SUBTYPES, given="any", build=_build_stage2, loss=_loss_stage2,
                     settings=_settings_stage2, starts_from=_stage2_starts_from, init=_init_stage2),
+    # Over every image stage's features: they all must be trained first.
+    "sequence": Stage("sequence", labels=LABELS, given=None, build=_build_sequence,
+                      loss=lambda cfg, y: (masked_bce, None), settings=_settings_sequence,
+                      starts_from=lambda cfg: image_stage_names(), kind=SEQUENCE),
 }
 
 

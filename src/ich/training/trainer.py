@@ -54,7 +54,7 @@ def train_stage(cfg: dict, stage: Stage, spec: InputSpec, run_dir: Path, stamp: 
     """
     run_dir = Path(run_dir)
     backup = run_dir / BACKUP_DIR
-    _check_resume(stage, stamp, run_dir)
+    check_resume(stage, stamp, run_dir)
     best_path = run_dir / CHECKPOINT_DIR / f"{stage.name}_best.weights.h5"
     seed = stage_seed(cfg, stage)
     batches, val_batches, y_train = data
@@ -94,15 +94,15 @@ def train_stage(cfg: dict, stage: Stage, spec: InputSpec, run_dir: Path, stamp: 
         set_backbone_trainable(model, phase == "finetune", pretrained=pretrained)
         model.compile(optimizer=keras.optimizers.Adam(phase_lr(cfg, phase)), loss=loss,
                       metrics=[stage.metric()], jit_compile=jit)
-        first, done = _fit(model, cfg, stage.name, phase, run_dir, batches, val_batches, epochs,
+        first, done = fit_phase(model, cfg, stage.name, phase, run_dir, batches, val_batches, epochs,
                            class_weight, offset, best_path)
         seen += (done - first) * per_epoch
-        write_json({"epochs": done, "best": _best(best_path)}, marker)
+        write_json({"epochs": done, "best": best_score(best_path)}, marker)
         offset += done
 
     final = run_dir / stage.file
     export(model, augmentation, best_path, final, rebuild=lambda: stage.build(cfg, spec, None))
-    best = _best(best_path)
+    best = best_score(best_path)
     summary(f"train {stage.name}", f"{seen} images seen ({len(y_train)} training images), "
             f"best val AUC {best['value']:.4f} -> {final}", seen, "images", timer)
 
@@ -120,7 +120,7 @@ def clear_stage(run_dir: Path, stage: Stage) -> None:
             path.unlink()
 
 
-def _check_resume(stage: Stage, stamp: Stamp, run_dir: Path) -> None:
+def check_resume(stage: Stage, stamp: Stamp, run_dir: Path) -> None:
     """Resume only the run this stage's in-progress state was started for.
 
     The settings and inputs of an interrupted run are saved when it starts; if they differ now
@@ -146,7 +146,7 @@ def _check_resume(stage: Stage, stamp: Stamp, run_dir: Path) -> None:
     write_json(now, started)
 
 
-def _fit(model, cfg, stage, phase, run_dir, batches, val_batches, epochs, class_weight,
+def fit_phase(model, cfg, stage, phase, run_dir, batches, val_batches, epochs, class_weight,
          offset, best_path) -> tuple[int, int]:
     """Run one phase with its callbacks; return (first epoch run now, epochs finished in all)."""
     train = cfg["train"]
@@ -247,5 +247,6 @@ def load_best(model, best_path: Path) -> None:
         model.load_weights(best_path)
 
 
-def _best(best_path: Path) -> dict:
+def best_score(best_path: Path) -> dict:
+    """{"value", "epoch"} of the best model saved at best_path (value NaN when none is)."""
     return read_best(best_path) or {"value": math.nan, "epoch": None}
