@@ -15,7 +15,7 @@ from pathlib import Path
 import keras
 import numpy as np
 
-from ich.constants import CASCADE_JSON, LABELS, STAGE1_MODEL, STAGE2_MODEL, SUBTYPES
+from ich.constants import CASCADE_JSON, LABELS, SEQUENCE_MODEL, STAGE1_MODEL, STAGE2_MODEL, SUBTYPES
 
 ANY_WEIGHT, ANY_BIAS = 8.0, -4.0
 SUB_WEIGHT = 6.0
@@ -24,7 +24,7 @@ SUB_BIAS = np.array([-3.0 + 0.5 * k - 1.0 for k in range(len(SUBTYPES))])
 
 def _head(image_size: int, units: int, name: str) -> tuple[keras.Model, keras.layers.Dense]:
     inputs = keras.Input(shape=(image_size, image_size, 3), name=f"{name}_image")
-    pooled = keras.layers.GlobalAveragePooling2D(name=f"{name}_pool")(inputs)
+    pooled = keras.layers.GlobalAveragePooling2D(name="pool")(inputs)  # the features a sequence stage takes
     dense = keras.layers.Dense(units, activation="sigmoid", name=f"{name}_out")
     model = keras.Model(inputs, dense(pooled), name=name)
     return model, dense
@@ -78,10 +78,32 @@ def write_cascade(run_dir: Path, model1, model2, image_size: int, **meta) -> Pat
     return run_dir
 
 
-def save_tiny_cascade(run_dir: Path, image_size: int = 16, **meta) -> Path:
-    """Build the hand-weighted tiny cascade and save it into run_dir; return run_dir."""
+def save_tiny_cascade(run_dir: Path, image_size: int = 16, sequence: bool = False, **meta) -> Path:
+    """Build the hand-weighted tiny cascade and save it into run_dir; return run_dir.
+
+    sequence: add an untrained sequence stage with attention pooling and zero attention
+    scores: it keeps each slice's probabilities, and a series' probability is
+    sigmoid(mean over its slices of logit(p)) (`expected_series`)."""
     stage1, stage2 = build_tiny(image_size)
-    return write_cascade(run_dir, stage1, stage2, image_size, **meta)
+    run_dir = write_cascade(run_dir, stage1, stage2, image_size, **meta)
+    if sequence:
+        from ich.models.sequence import build_sequence
+
+        model = build_sequence(6, width=4, dilations=(1,), pooling="attention")
+        scores = model.get_layer("attention_scores")
+        scores.set_weights([np.zeros_like(w) for w in scores.get_weights()])
+        model.save(Path(run_dir) / SEQUENCE_MODEL)
+        cascade = json.loads((Path(run_dir) / CASCADE_JSON).read_text())
+        cascade["stages"].append({"name": "sequence", "file": SEQUENCE_MODEL, "labels": list(LABELS),
+                                  "given": None, "kind": "sequence", "pooling": "attention"})
+        (Path(run_dir) / CASCADE_JSON).write_text(json.dumps(cascade, indent=2))
+    return run_dir
+
+
+def expected_series(probs: np.ndarray) -> np.ndarray:
+    """The tiny sequence stage's (6,) output for a series whose slices have `probs` (T, 6)."""
+    p = np.clip(np.asarray(probs, np.float64), 1e-4, 1 - 1e-4)
+    return 1 / (1 + np.exp(-np.log(p / (1 - p)).mean(axis=0)))
 
 
 def red_images(reds, size: int = 16, seed: int = 0) -> np.ndarray:

@@ -43,6 +43,7 @@ REPORT_MD = "report.md"
 # Prediction outputs (ich predict --out DIR).
 SUBMISSION_CSV = "submission.csv"
 STUDIES_CSV = "studies.csv"
+SKIPPED_CSV = "skipped.csv"      # predict: files that are not axial CT image slices, and why
 
 # The three splits of splits.csv, in order.
 SPLITS = ("train", "val", "test")

@@ -334,7 +334,14 @@ def orientation_class(normal: Sequence[float]) -> str:
 
 
 def skip_reason(row: dict | pd.Series) -> str:
-    """Why a file cannot be a slice of an axial head CT series ('' when it can)."""
+    """Why a file cannot be a slice of an axial head CT series ('' when it can): what
+    `not_axial_reason` or else `unordered_reason` says."""
+    return not_axial_reason(row) or unordered_reason(row)
+
+
+def not_axial_reason(row: dict | pd.Series) -> str:
+    """Why a file is known not to be an axial CT image slice ('' when it is or may be): another
+    modality, a localizer or scout, or a sagittal, coronal or oblique image."""
     modality = str(row.get("modality") or "")
     if modality and modality != "CT":
         return f"modality {modality}, not CT"
@@ -342,18 +349,28 @@ def skip_reason(row: dict | pd.Series) -> str:
     marker = next((t for t in LOCALIZER_TYPES if t in image_type.split("\\")), None)
     if marker:
         return f"localizer (ImageType {image_type})"
-    normal = (row.get("normal_x"), row.get("normal_y"), row.get("normal_z"))
-    kind = orientation_class([math.nan if v is None else float(v) for v in normal])
-    if kind == "unknown":
-        return "no ImageOrientationPatient: cannot tell axial slices from reformats"
-    if kind != "axial":
+    kind = orientation_class(_normal(row))
+    if kind not in ("axial", "unknown"):
         return f"{kind} image, not axial (ImageOrientationPatient {row.get('orientation')})"
+    return ""
+
+
+def unordered_reason(row: dict | pd.Series) -> str:
+    """Why a slice cannot be placed in a series ('' when it can): no orientation, position or
+    series id. Such a slice can still be scored on its own."""
+    if orientation_class(_normal(row)) == "unknown":
+        return "no ImageOrientationPatient: cannot tell axial slices from reformats"
     position = row.get("position")
     if position is None or not math.isfinite(float(position)):
         return "no ImagePositionPatient: cannot order the slice in its series"
     if not str(row.get("series_id") or ""):
         return "no SeriesInstanceUID: cannot group the slice"
     return ""
+
+
+def _normal(row) -> list[float]:
+    return [math.nan if v is None else float(v)
+            for v in (row.get("normal_x"), row.get("normal_y"), row.get("normal_z"))]
 
 
 def group_for_predict(rows: pd.DataFrame | list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:

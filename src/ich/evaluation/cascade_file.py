@@ -21,7 +21,8 @@ from typing import Iterator
 import numpy as np
 
 from ich.constants import CASCADE_JSON, IMAGE, LABELS, SEQUENCE
-from ich.data.inputs import InputSpec
+from ich.data.inputs import InputSpec, neighbour_rows
+from ich.data.series import series_runs
 from ich.data.windowing import resize
 
 from ich.evaluation.metrics import DEFAULT_THRESHOLD
@@ -145,6 +146,48 @@ class CascadeBase:
     def predict_inputs(self, x: np.ndarray) -> np.ndarray:
         """float32 model inputs (k, S, S, C) in [0, 1] -> (k, 6) probabilities, one batch."""
         raise NotImplementedError
+
+    def predict_with_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """One batch -> (probabilities, per-slice features or None when this cascade has no
+        sequence stage to take them)."""
+        return self.predict_inputs(x), None
+
+    def refine(self, series_ids, positions, probs: np.ndarray, features: np.ndarray | None
+               ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """(per-slice probabilities, the rows of each series in position order, per-series
+        probabilities). Without a sequence stage (here): the slices unchanged, and each series
+        the maximum over its slices."""
+        runs = series_runs(series_ids, positions)
+        probs = np.asarray(probs, dtype=np.float32)
+        series = (np.stack([probs[run].max(axis=0) for run in runs]) if runs
+                  else np.zeros((0, len(LABELS)), np.float32))
+        return probs.copy(), runs, series
+
+    def predict_slices(self, slices: np.ndarray, series_ids, positions, batch_size: int = 32
+                       ) -> tuple[np.ndarray, list[np.ndarray], np.ndarray]:
+        """Whole series of decoded slices -> what `refine` returns.
+
+        In: uint8 (N, S, S, 3) slices as preprocessing writes them, their series ids and
+        positions along the slice normal. Each slice's input gathers its neighbours at the
+        input description's offsets along its series (edges repeat; a slice without a series
+        id is its own), then the image stages and, where the run has one, the sequence stage.
+        """
+        slices = np.asarray(slices)
+        n = len(slices)
+        neighbours = neighbour_rows(series_ids, positions, self.spec.offsets)
+        probs = np.empty((n, len(LABELS)), dtype=np.float32)
+        features = None
+        size = batch_length(n, batch_size)
+        for start in range(0, n, size):
+            inputs = self.spec.assemble(slices[neighbours[start:start + size]])
+            x = to_model_input(inputs, self.image_size)
+            p, f = self.predict_with_features(pad(x, size) if self.pad_batches else x)
+            probs[start:start + len(x)] = p[:len(x)]
+            if f is not None:
+                if features is None:
+                    features = np.empty((n, f.shape[1]), dtype=np.float32)
+                features[start:start + len(x)] = f[:len(x)]
+        return self.refine(series_ids, positions, probs, features)
 
     def predict(self, images, batch_size: int = 32) -> np.ndarray:
         """Probabilities (N, 6) float32 in LABELS order for model inputs (N, S, S, C)."""

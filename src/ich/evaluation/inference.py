@@ -44,9 +44,15 @@ class Cascade(CascadeBase):
         """float32 model inputs (k, S, S, C) in [0, 1] -> (k, 6) probabilities, one batch."""
         return self._run(x, with_features=False)[0]
 
-    def predict_with_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """One batch -> ((k, 6) probabilities, (k, D) features): what the sequence stage takes."""
+    def predict_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """One batch -> ((k, 6) probabilities, (k, D) features: each image stage's pooled
+        features, concatenated; what the sequence stage takes)."""
         return self._run(x, with_features=True)
+
+    def predict_with_features(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """`predict_features` when the run has a sequence stage, else (probabilities, None):
+        nothing extra is computed for a run that cannot use it."""
+        return self._run(x, with_features=self.sequence_stage is not None)
 
     def _run(self, x: np.ndarray, with_features: bool) -> tuple[np.ndarray, np.ndarray | None]:
         k = len(x)
@@ -86,13 +92,11 @@ class Cascade(CascadeBase):
         (ich.data.series.series_runs), per-series probabilities (n_series, 6)). Without a
         sequence stage the slices are unchanged and a series is the maximum over its slices.
         """
+        stage = self.sequence_stage
+        if stage is None or features is None or len(probs) == 0:
+            return super().refine(series_ids, positions, probs, features)
         runs = series_runs(series_ids, positions)
         probs = np.asarray(probs, dtype=np.float32)
-        stage = self.sequence_stage
-        if stage is None or not runs:
-            series = np.stack([probs[run].max(axis=0) for run in runs]) if runs else \
-                np.zeros((0, len(LABELS)), np.float32)
-            return probs.copy(), runs, series
         model = self.models[stage["name"]]
         # One padded length for all: a compiled backend traces one shape; padding never
         # changes a series' outputs (ich.models.sequence).
@@ -123,7 +127,7 @@ def predict_split(cascade: Cascade, data, batch_size: int, split: str = "",
     for index in progress(range(len(batches)), desc=f"predict {split}".strip(), unit="batch"):
         x, _ = batches[index]
         if with_features:
-            probs, feature = cascade.predict_with_features(pad(x, batch_size))
+            probs, feature = cascade.predict_features(pad(x, batch_size))
             if features is None:
                 features = np.empty((len(picked), feature.shape[1]), dtype=np.float32)
             features[start:start + len(x)] = feature[:len(x)]
@@ -152,10 +156,10 @@ def refine_split(cascade: Cascade, data, batch_size: int, split: str = "") -> di
     """
     table = data.table
     rows = np.union1d(series_rows(data), data.targets)
-    probs, features = predict_split(cascade, data, batch_size, split, rows=rows,
-                                    with_features=cascade.sequence_stage is not None)
-    if features is None:
-        features = np.zeros((len(rows), 1), dtype=np.float32)
+    if cascade.sequence_stage is not None:
+        probs, features = predict_split(cascade, data, batch_size, split, rows=rows, with_features=True)
+    else:
+        probs, features = predict_split(cascade, data, batch_size, split, rows=rows), None
     part = table.iloc[rows].reset_index(drop=True)
     refined, runs, study = cascade.refine(part["series_id"], part["position"], probs, features)
     position = {row: i for i, row in enumerate(rows)}

@@ -5,8 +5,9 @@ In: the run (cascade.json: input description, stages, thresholds; the stage mode
 set read by ich.data.datasets (one axial series per study), and the config (evaluate.bootstrap,
 evaluate.report_examples, predict.batch_size, predict.workers, seed). Every slice gets the
 model's own preprocessing and context (windows, size and neighbouring slices of cascade.json,
-as `ich predict`); a study's probability per label is the maximum over its scored slices; the
-thresholds are the run's (the same for slices and studies).
+as `ich predict`); a study's probability per label is its series' (the sequence stage's output
+when the run has one, else the maximum over its scored slices); the thresholds are the run's
+(the same for slices and studies).
 Out, in OUT_DIR only (never in RUN_DIR):
 - metrics.json: {"studies": {"labels": {label: {"roc_auc", "roc_auc_ci", ...}}, "overall"},
   "slices": {...} (where the data set has slice labels), "dataset", "thresholds"};
@@ -28,6 +29,7 @@ import pandas as pd
 log = logging.getLogger("ich")
 
 SERIES_CSV = "series.csv"
+SERIES_SUFFIX = "_series"  # a scored slice's column holding its series' probability
 REPORT_HTML = "report.html"
 
 
@@ -61,7 +63,9 @@ def run_external(run_dir: Path, dataset: str, data: Path, out_dir: Path, cfg: di
     write_csv(ds.series, out_dir / SERIES_CSV)
     if scored.empty:
         raise StepError(f"nothing could be scored in {data}; reasons in {out_dir / FAILURES_CSV}")
-    studies = aggregate_studies(scored, list(LABELS), study="study", keep=["patient_id"])
+    per_series = [f"{label}{SERIES_SUFFIX}" for label in LABELS]
+    studies = aggregate_studies(scored, per_series, study="study", keep=["patient_id"])
+    studies = studies.rename(columns=dict(zip(per_series, LABELS)))
     write_csv(studies[["study", *LABELS]], out_dir / STUDIES_CSV)
     table = scored.assign(file=[_relative(p, data) for p in scored["path"]])
     write_csv(table[["study", "file", "image_id", "series_id", *LABELS]], out_dir / PREDICTIONS_CSV)
@@ -114,7 +118,6 @@ def predict_files(cascade, files: pd.DataFrame, batch_size: int, workers: int, f
     RGB slices). Unreadable files are appended to `failures`."""
     from ich.constants import LABELS
     from ich.data.sources import decode_all
-    from ich.steps.predict import predict_with_context
 
     spec = cascade.spec
     rows, images, info = [], [], []
@@ -129,10 +132,19 @@ def predict_files(cascade, files: pd.DataFrame, batch_size: int, workers: int, f
         info.append({"series_id": row["series_id"], "position": row["position"]})
     if not rows:
         return pd.DataFrame(columns=[*files.columns, *LABELS]), np.zeros((0,))
-    probs = predict_with_context(cascade, images, info, batch_size)
+    table = pd.DataFrame(info)
+    probs, runs, series = cascade.predict_slices(np.stack(images), table["series_id"],
+                                                 table["position"], batch_size)
     scored = pd.DataFrame(rows).reset_index(drop=True)
     for j, label in enumerate(LABELS):
         scored[label] = probs[:, j]
+    # Each slice also carries its series' result (the sequence stage's, or its highest slice):
+    # a study is then the highest over its series.
+    for j, label in enumerate(LABELS):
+        column = np.empty(len(scored), dtype=np.float32)
+        for k, run in enumerate(runs):
+            column[run] = series[k, j]
+        scored[f"{label}{SERIES_SUFFIX}"] = column
     return scored, np.stack(images)
 
 
