@@ -168,3 +168,16 @@ def test_saved_model_export_on_tensorflow(run_dir, tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected_probs(images), atol=1e-5)
     assert json.loads((tmp_path / "sm" / CASCADE_JSON).read_text())["export"]["format"] == "saved_model"
+
+
+def test_export_description_leaves_the_sequence_stage_in_the_run():
+    from ich.export import export_description
+
+    meta = {"stages": [{"name": "stage1", "file": "stage1.keras", "labels": ["any"]},
+                       {"name": "sequence", "file": "sequence.keras", "kind": "sequence"}],
+            "thresholds": {"any": 0.7}, "cascade_thresholds": {"any": 0.4}}
+    out = export_description(meta, "onnx", "cascade.onnx", (16, 16, 3), {}, 0.0)
+    assert [s["name"] for s in out["stages"]] == ["stage1"]
+    assert out["export"]["not_exported"] == ["sequence"]
+    assert out["thresholds"] == {"any": 0.4}       # the image stages' own, chosen on val
+    assert meta["thresholds"] == {"any": 0.7}      # the run's description is not changed

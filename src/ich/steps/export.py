@@ -58,7 +58,7 @@ def run_export(run_dir: str | Path, out_dir: str | Path, fmt: str = "onnx") -> P
     try:
         try:
             cascade = load_cascade(run_dir)
-            model = cascade_model(cascade.models, cascade.meta["stages"])
+            model = cascade_model(cascade.models, cascade.image_stages)
         except ValueError as err:
             raise StepError(str(err)) from err
         shape = tuple(int(d) for d in model.input_shape[1:])
