@@ -158,3 +158,49 @@ def test_evaluate_without_trained_model_names_the_file(tmp_path):
     cfg = config.load(None, [f"paths.work_dir={work}", f"paths.run_dir={tmp_path / 'none'}"])
     with pytest.raises(FileNotFoundError, match=CASCADE_JSON):
         evaluate.run(cfg)
+
+
+def _with_series(work):
+    """Give images.csv series (one per study, three slices) and positions."""
+    images = pd.read_csv(work / IMAGES_CSV)
+    splits = pd.read_csv(work / SPLITS_CSV).set_index("image_id")
+    images["series_id"] = [f"SE_{splits.loc[i, 'study_id']}" for i in images["image_id"]]
+    images["position"] = [float(k % 3) for k in range(len(images))]
+    images.to_csv(work / IMAGES_CSV, index=False)
+
+
+def test_sequence_stage_level_beside_the_image_stages_and_no_patient_id_in_outputs(tmp_path):
+    from tiny_cascade import expected_series
+
+    work = make_work_dir(tmp_path)
+    _with_series(work)
+    run = save_tiny_cascade(tmp_path / "run", image_size=SIZE, sequence=True)
+    cfg = config.load(None, [f"paths.work_dir={work}", f"paths.run_dir={run}", "data.workers=1",
+                             "predict.batch_size=8", "evaluate.report_examples=2",
+                             "evaluate.bootstrap=20"])
+    metrics = json.loads(evaluate.run(cfg).read_text())
+    assert metrics["studies"]["source"] == "sequence stage"
+    assert set(metrics["image_stages"]["labels"]) == set(LABELS)
+    studies = pd.read_csv(run / EVAL_DIR / "studies.csv")
+    assert len(studies) == 8 and (studies["n_slices"] == 3).all()   # 24 test images, 3 per study
+    # Each study's probability is the tiny sequence stage's, from its slices' cascade output.
+    splits = pd.read_csv(work / SPLITS_CSV)
+    test = splits[splits["split"] == "test"]
+    images = {i: cv2.cvtColor(cv2.imread(str(work / PNG_DIR / f"{i}.png")), cv2.COLOR_BGR2RGB)
+              for i in test["image_id"]}
+    for _, row in studies.iterrows():
+        ids = test.loc[test["study_id"] == row["study_id"], "image_id"]
+        expected = expected_series(expected_probs(np.stack([images[i] for i in ids])))
+        np.testing.assert_allclose(row[list(LABELS)].to_numpy(float), expected, atol=1e-4)
+    report = (run / EVAL_DIR / REPORT_MD).read_text()
+    assert "## Stages compared (ROC AUC)" in report and "studies, sequence stage" in report
+    html = (run / EVAL_DIR / "report.html").read_text()
+    assert 'id="comparison"' in html
+    # Nothing that leaves the machine names a patient or an absolute path.
+    patients = set(splits["patient_id"])
+    for path in (run / EVAL_DIR).iterdir():
+        if path.suffix in (".csv", ".json", ".md", ".html"):
+            text = path.read_text()
+            assert str(tmp_path) not in text, path.name
+            found = [p for p in patients if re.search(rf"\b{re.escape(p)}\b", text)]
+            assert not found, (path.name, found[:3])

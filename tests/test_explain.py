@@ -124,7 +124,11 @@ def test_ich_explain_writes_overlays_above_threshold(phantoms, tmp_path):
         image = cv2.imread(str(tmp_path / "out" / name))
         assert image.shape == (SIZE, SIZE, 3)
     failures = pd.read_csv(tmp_path / "out" / "failures.csv")
-    assert failures["path"].str.endswith("bad.dcm").tolist() == [True]
+    assert failures["path"].tolist() == ["13/bad.dcm"]   # the 13th path given (ich.data.sources.display_names)
+    # Outputs name files as given, never by an absolute path (folders may name patients).
+    for name in ("failures.csv", "explanations.csv"):
+        assert str(tmp_path) not in (tmp_path / "out" / name).read_text()
+    assert set(table["file"]) == {f"{k}/{p.name}" for k, p in enumerate(dicoms, start=1)}
     from ich.errors import StepError
 
     with pytest.raises(StepError, match="run directory"):

@@ -9,6 +9,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[1] / "bench" / "gpu_throughput.py"
 
 
+@pytest.mark.slow  # builds and steps both full-size stages on CPU: about two minutes
 def test_dry_run_prints_the_table():
     done = subprocess.run([sys.executable, str(SCRIPT), "--dry-run"], capture_output=True, text=True,
                           timeout=600)

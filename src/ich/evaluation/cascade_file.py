@@ -134,6 +134,13 @@ class CascadeBase:
         return {label: float(saved.get(label, DEFAULT_THRESHOLD)) for label in LABELS}
 
     @property
+    def image_thresholds(self) -> dict[str, float]:
+        """Thresholds for the image stages' own output: cascade_thresholds when the run has a
+        sequence stage (its `thresholds` are for the refined output), else the thresholds."""
+        saved = self.meta.get("cascade_thresholds")
+        return {label: float(saved[label]) for label in LABELS} if saved else self.thresholds
+
+    @property
     def image_stages(self) -> list[dict]:
         """cascade.json's image stages, in order."""
         return [s for s in self.meta["stages"] if stage_kind(s) == IMAGE]

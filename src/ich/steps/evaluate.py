@@ -281,9 +281,11 @@ def settings(cfg: dict, meta: dict, run_dir: Path) -> dict[str, object]:
     windows = spec.get("windows", {})
     versions = meta.get("versions", {})
     return {
-        "run directory": str(run_dir.resolve()),
+        "run directory": run_dir.resolve().name,  # its name only: the report may leave the machine
         **{f"{stage['name']} backbones": " + ".join(stage.get("backbones", []))
-           for stage in meta.get("stages", [])},
+           for stage in meta.get("stages", []) if stage.get("backbones")},
+        **{f"{stage['name']} stage": f"over each series' slices, {stage.get('pooling', 'max')} pooling per series"
+           for stage in meta.get("stages", []) if stage.get("kind") == "sequence"},
         "image size": f"{spec.get('image_size')} px",
         "windows (R, G, B)": ", ".join(f"{c} {windows.get(c)}" for c in spec.get("channels", [])),
         "slices (offsets)": ", ".join(str(o) for o in spec.get("offsets", [0])),

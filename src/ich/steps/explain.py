@@ -34,7 +34,7 @@ def explain_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict,
     from ich.config import resolve_workers
     from ich.constants import FAILURES_CSV
     from ich.data.inputs import neighbour_rows
-    from ich.data.sources import decode_all, find_inputs
+    from ich.data.sources import decode_all, display_names, find_inputs
     from ich.errors import StepError
     from ich.evaluation.inference import load_cascade
     from ich.io import Timer, summary, write_csv
@@ -42,7 +42,11 @@ def explain_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict,
     timer = Timer()
     out_dir = Path(out_dir)
     _refuse_run_dir(out_dir, run_dir)
-    files, failures = find_inputs([Path(p) for p in paths])
+    roots = [Path(p) for p in paths]
+    files, failures = find_inputs(roots)
+    for failure in failures:            # a missing argument is shown by its name only
+        failure["path"] = Path(failure["path"]).name
+    shown = display_names(roots, files)  # never an absolute path (issue 10: folders name patients)
     try:
         cascade = load_cascade(Path(run_dir))
     except ValueError as err:
@@ -52,12 +56,12 @@ def explain_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict,
     for path, image, info in decode_all(files, spec.png_windows, spec.image_size,
                                         resolve_workers(cfg["predict"]["workers"])):
         if image is None:
-            failures.append({"path": str(path), "reason": info["reason"]})
-            log.warning("explain: skipped %s: %s", path, info["reason"])
+            failures.append({"path": shown[path], "reason": info["reason"]})
+            log.warning("explain: skipped %s: %s", shown[path], info["reason"])
             continue
         images.append(image)
         info_rows.append(info)
-        names.append(Path(path).name)
+        names.append(shown[path])
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(pd.DataFrame(failures, columns=["path", "reason"]), out_dir / FAILURES_CSV)
     if not images:
@@ -72,7 +76,7 @@ def explain_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict,
     inputs = spec.assemble(slices[neighbours])
     probs = cascade.predict(inputs, batch_size=int(cfg["predict"]["batch_size"]))
     ids = [str(r["image_id"]) for r in info_rows]
-    rows = write_overlays(out_dir, cascade, inputs, slices, ids, names, probs, cascade.thresholds,
+    rows = write_overlays(out_dir, cascade, inputs, slices, ids, names, probs, cascade.image_thresholds,
                           every_label)
     path = write_csv(pd.DataFrame(rows, columns=["image_id", "file", "label", "probability", "threshold",
                                                  "overlay", "peak_row", "peak_col"]),
