@@ -5,6 +5,10 @@ Out: work/png/<image_id>.png (uint8 RGB, image_size square, one window per chann
 `channels` order), work/images.csv (one row per good image, sorted by image_id) and
 work/failures.csv (image_id, path, reason; always written, maybe only a header).
 
+Where: compute.scheduler null converts in this machine's process pool (ich.compute, one
+file per task); "local" or a Dask scheduler's address converts on that cluster
+(ich.distributed, chunk_size files per task), with the same rows, journal and resume.
+
 Isolation: every file is converted in a worker process (ich.compute, whatever
 preprocess.workers is), so a decoder that segfaults, is killed for memory or hangs past
 preprocess.file_timeout_s costs only that file: it is listed in failures.csv ("decoder crashed
@@ -35,6 +39,7 @@ import os
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 from ich.compute import TaskError, WorkerStartError, is_machine_error, machine_message, map_files
 from ich.errors import StepError
@@ -114,7 +119,7 @@ def run(cfg: dict, force: bool = False) -> Path:
         known = {image_id: row for image_id, row in known.items() if not row["reason"]}
     todo = [path for image_id, path in sources.items() if image_id not in known]
     timer = Timer()
-    counts = _process(todo, work, journal, settings(cfg), pp)
+    counts = _process(todo, work, journal, settings(cfg), pp, cfg["compute"]["scheduler"])
     n_ok = _consolidate(work, journal, set(sources), images_csv, failures_csv)
     line = summary("preprocess", f"{counts['ok']:,} ok, {counts['failed']:,} failed, "
                    f"{len(sources) - len(todo):,} already done; {n_ok:,} of {len(sources):,} images "
@@ -189,21 +194,17 @@ def journal_ids(work_dir: str | Path) -> set[str]:
     return {row["image_id"] for row in _read_parts(Path(work_dir) / JOURNAL_DIR)}
 
 
-def _process(todo: list[Path], work: Path, journal: Path, settings: dict, pp: dict) -> dict:
+def _process(todo: list[Path], work: Path, journal: Path, settings: dict, pp: dict,
+             scheduler: str | None = None) -> dict:
     """Convert `todo` in isolated worker processes, journalling finished rows as they arrive.
 
     A file that crashes or hangs its worker becomes a failure row naming what happened. A
     machine failure stops the step (StepError) after journalling everything finished before it.
+    `scheduler` (compute.scheduler) null: this machine's process pool; otherwise a Dask cluster.
     """
     counts = {"ok": 0, "failed": 0}
     if not todo:
         return counts
-    workers = min(max(1, resolve_workers(pp["workers"])), len(todo))
-    max_mb = pp.get("max_file_mb")
-    convert = functools.partial(convert_file, work_dir=str(work),
-                                windows=[(float(c), float(w)) for _, c, w in settings["windows"]],
-                                size=settings["image_size"],
-                                max_bytes=int(max_mb * 2 ** 20) if max_mb else None)
     token = f"{time.time_ns():020d}"
     rows: list[dict] = []
     parts = 0
@@ -220,10 +221,7 @@ def _process(todo: list[Path], work: Path, journal: Path, settings: dict, pp: di
 
     try:
         with progress(total=len(todo), desc="preprocess", unit="img") as bar:
-            for result in map_files(convert, [str(p) for p in todo], workers,
-                                    timeout_s=pp.get("file_timeout_s"), initializer=_init_worker):
-                row = result.value if result.ok else _failure(
-                    Path(result.item).stem, Path(result.item), work, f"decoder {result.failure}")
+            for row in _results(todo, work, settings, pp, scheduler):
                 rows.append(row)
                 if row["reason"]:
                     counts["failed"] += 1
@@ -249,6 +247,35 @@ def _process(todo: list[Path], work: Path, journal: Path, settings: dict, pp: di
         log.warning("preprocess: %d more failures, all listed in %s",
                     counts["failed"] - _FAILURES_LOGGED, work / FAILURES_CSV)
     return counts
+
+
+def _results(todo: list[Path], work: Path, settings: dict, pp: dict,
+             scheduler: str | None) -> Iterator[dict]:
+    """Every file's journal row as it finishes, from the local pool (one file per task, with
+    the per-file time limit) or from a Dask cluster (chunk_size files per task)."""
+    workers = min(max(1, resolve_workers(pp["workers"])), len(todo))
+    max_mb = pp.get("max_file_mb")
+    windows = [(float(c), float(w)) for _, c, w in settings["windows"]]
+    max_bytes = int(max_mb * 2 ** 20) if max_mb else None
+    if scheduler is not None:
+        from ich import distributed
+
+        size = max(1, int(pp["chunk_size"]))
+        paths = [str(p) for p in todo]
+        chunks = [paths[i:i + size] for i in range(0, len(paths), size)]
+        for _, rows in distributed.map_files(
+                process_chunk, chunks, scheduler, (str(work), windows, settings["image_size"], max_bytes),
+                inputs=[work / DICOM_DIR], outputs=[work / PNG_DIR],
+                failure=lambda path, why: _failure(Path(path).stem, Path(path), work, why),
+                init=_init_worker, workers=workers):
+            yield from rows
+        return
+    convert = functools.partial(convert_file, work_dir=str(work), windows=windows,
+                                size=settings["image_size"], max_bytes=max_bytes)
+    for result in map_files(convert, [str(p) for p in todo], workers,
+                            timeout_s=pp.get("file_timeout_s"), initializer=_init_worker):
+        yield result.value if result.ok else _failure(
+            Path(result.item).stem, Path(result.item), work, f"decoder {result.failure}")
 
 
 def _init_worker() -> None:
