@@ -60,6 +60,7 @@ def image_ids(n: int) -> np.ndarray:
 def simulate(root: Path, n: int, files: bool = True) -> list[str]:
     """Write the simulated inputs for n images under root (the labels CSV; with `files` also
     the DICOM and PNG entries and the preprocess journal); return the config overrides."""
+    from ich import journal
     from ich.constants import DICOM_DIR, PNG_DIR, RSNA_ORDER
     from ich.steps import preprocess
 
@@ -97,7 +98,7 @@ def simulate(root: Path, n: int, files: bool = True) -> list[str]:
                          "position": f"{float(i % IMAGES_PER_SERIES * 5.0 - 80.0)}", "rows": "512",
                          "columns": "512", "pixel_spacing": "0.488281", "storage": "MONOCHROME2",
                          "path": f"{PNG_DIR}/{ids[i]}.png", "reason": ""})
-        preprocess._write_rows(parts / f"{1:020d}-{seq:07d}.csv", preprocess._JOURNAL_COLUMNS, rows)
+        journal.write_part(parts.parent, f"{1:020d}-{seq:07d}", preprocess._JOURNAL_COLUMNS, rows, "image_id")
     from ich import config
     from ich.stamps import record
 
@@ -108,6 +109,7 @@ def simulate(root: Path, n: int, files: bool = True) -> list[str]:
 
 def simulate_index_journal(work: Path, ids: np.ndarray, series: np.ndarray) -> None:
     """The header-index journal of every file of work/dicom/, as read_chunk writes it."""
+    from ich import journal
     from ich.io import write_json
     from ich.steps import index
 
@@ -126,12 +128,7 @@ def simulate_index_journal(work: Path, ids: np.ndarray, series: np.ndarray) -> N
                          "position": f"{float(i % IMAGES_PER_SERIES * 5.0 - 80.0)}", "rows": "512",
                          "columns": "512", "pixel_spacing": "0.488281", "rank": "-1", "series_size": "0",
                          "reason": ""})
-        write_index_part(index, parts / f"{1:020d}-{seq:07d}.csv", rows)
-
-
-def write_index_part(index, path: Path, rows: list[dict]) -> None:
-    """One journal part, through the step's own writer."""
-    index._write_rows(path, index._JOURNAL_COLUMNS, rows, sync=False)
+        journal.write_part(parts.parent, f"{1:020d}-{seq:07d}", index._JOURNAL_COLUMNS, rows, "file")
 
 
 def config_for(root: Path, n: int) -> list[str]:
