@@ -13,7 +13,9 @@ task with it; the scheduler reruns the task on another worker, and only after
 distributed.scheduler.allowed-failures such deaths (3 by default) marks it failed with
 KilledWorker. Those reruns are Dask's business, not failures. A chunk that fails that way (or
 raises) is split into one task per file, so only the file that kills workers gets a failure
-row (`failure(path, reason)`), and the rest of its chunk is done. Workers restart only under a
+row (`failure(path, reason)`), and the rest of its chunk is done; a file whose task raises a
+failure of the machine (disk full, I/O error, out of memory: ich.compute.is_machine_error)
+stops the map with ich.compute.TaskError, as the local pool does. Workers restart only under a
 nanny (the default of `dask worker` and of every cluster manager); without one, each death
 leaves one worker fewer.
 
