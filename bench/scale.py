@@ -1,4 +1,4 @@
-"""Peak memory of the main process for the bookkeeping of sample, preprocess and split at 100k
+"""Peak memory of the main process for the bookkeeping of index, sample, preprocess and split at 100k
 and at full RSNA size (752,803 images), on simulated files: no pixels.
 
     python bench/scale.py                      # 100,000 and 752,803 images
@@ -9,8 +9,12 @@ For each size N it writes, in a temporary folder: the RSNA long labels CSV (6 N 
 ID format, subtype order and rough prevalences), work/dicom/ and work/png/ with one empty file
 per image (hard links of a few empty files: an entry each, no data), and a preprocess journal
 of N rows in chunks of 64 (the rows process_chunk returns, with RSNA-like patient, study and
-series ids) with its pixel-settings record, as a run killed just before consolidation leaves
-it. Then each step runs in its own fresh process, as `ich <step>` would:
+series ids) with its pixel-settings record, and a header-index journal of N rows in chunks of
+256 (the rows read_chunk returns), as runs killed just before consolidation leave them. Then
+each step runs in its own fresh process, as `ich <step>` would:
+
+  index       ich.steps.index.run: lists the folder, reads the journal (nothing is left to
+              read) and consolidates it into index.parquet (ranked) and index_failures.csv
 
   sample      ich.steps.sample.run, sample.per_label = N (every image: the worst case for split)
   preprocess  ich.steps.preprocess.run: lists the DICOMs, reads the journal (nothing is left to
@@ -18,8 +22,7 @@ it. Then each step runs in its own fresh process, as `ich <step>` would:
   split       ich.steps.split.run on images.csv and sampled.csv
 
 and reports its peak resident memory (ru_maxrss) and the part above the process's memory after
-its imports. The header index of the slice-context issue is not on this branch; add it here as
-a phase when it lands. The goal (issue 11): every peak well under 1 GB, 750k/100k <= 1.5.
+its imports. The CPU model and core count are printed first. The goal (issue 11): every peak well under 1 GB, 750k/100k <= 1.5.
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ IMAGES_PER_SERIES = 35           # RSNA: about 21,744 series (one per study)
 # Positive rates of RSNA stage 2 (any, then RSNA_ORDER's subtypes, roughly).
 RATES = {"epidural": 0.004, "intraparenchymal": 0.048, "intraventricular": 0.035,
          "subarachnoid": 0.048, "subdural": 0.063}
-PHASES = ("sample", "preprocess", "split")
+PHASES = ("index", "sample", "preprocess", "split")
+INDEX_CHUNK = 256                # index.chunk_size: files per journal part
 LINKS_PER_FILE = 60_000         # ext4 allows 65,000 hard links to one file
 
 
@@ -56,6 +60,7 @@ def image_ids(n: int) -> np.ndarray:
 def simulate(root: Path, n: int, files: bool = True) -> list[str]:
     """Write the simulated inputs for n images under root (the labels CSV; with `files` also
     the DICOM and PNG entries and the preprocess journal); return the config overrides."""
+    from ich import journal
     from ich.constants import DICOM_DIR, PNG_DIR, RSNA_ORDER
     from ich.steps import preprocess
 
@@ -93,19 +98,44 @@ def simulate(root: Path, n: int, files: bool = True) -> list[str]:
                          "position": f"{float(i % IMAGES_PER_SERIES * 5.0 - 80.0)}", "rows": "512",
                          "columns": "512", "pixel_spacing": "0.488281", "storage": "MONOCHROME2",
                          "path": f"{PNG_DIR}/{ids[i]}.png", "reason": ""})
-        preprocess._write_rows(parts / f"{1:020d}-{seq:07d}.csv", preprocess._JOURNAL_COLUMNS, rows)
+        journal.write_part(parts.parent, f"{1:020d}-{seq:07d}", preprocess._JOURNAL_COLUMNS, rows, "image_id")
     from ich import config
     from ich.stamps import record
 
     record(preprocess.pixel_stamp(config.load(None, cfg)))
+    simulate_index_journal(work, ids, series)
     return cfg
+
+
+def simulate_index_journal(work: Path, ids: np.ndarray, series: np.ndarray) -> None:
+    """The header-index journal of every file of work/dicom/, as read_chunk writes it."""
+    from ich import journal
+    from ich.io import write_json
+    from ich.steps import index
+
+    parts = work / index.JOURNAL_DIR / "parts"
+    parts.mkdir(parents=True)
+    write_json({"method": index.METHOD}, work / index.JOURNAL_DIR / "settings.json")
+    for seq, start in enumerate(range(0, len(ids), INDEX_CHUNK)):
+        rows = []
+        for i in range(start, min(len(ids), start + INDEX_CHUNK)):
+            s = int(series[i])
+            rows.append({"image_id": ids[i], "file": f"{ids[i]}.dcm", "sop_uid": ids[i],
+                         "patient_id": f"ID_{s * IMAGES_PER_SERIES // IMAGES_PER_PATIENT:08x}",
+                         "study_id": f"ID_{s:010x}", "series_id": f"ID_{s:010x}", "modality": "CT",
+                         "image_type": "ORIGINAL\\PRIMARY\\AXIAL", "orientation": "1\\0\\0\\0\\1\\0",
+                         "normal_x": "0.0", "normal_y": "0.0", "normal_z": "1.0",
+                         "position": f"{float(i % IMAGES_PER_SERIES * 5.0 - 80.0)}", "rows": "512",
+                         "columns": "512", "pixel_spacing": "0.488281", "rank": "-1", "series_size": "0",
+                         "reason": ""})
+        journal.write_part(parts.parent, f"{1:020d}-{seq:07d}", index._JOURNAL_COLUMNS, rows, "file")
 
 
 def config_for(root: Path, n: int) -> list[str]:
     """--set style overrides of the simulated run."""
     return [f"paths.labels_csv={root / 'stage_2_train.csv'}", f"paths.work_dir={root / 'work'}",
             f"paths.dicom_dir={root / 'work' / 'dicom'}", f"sample.per_label={n}",
-            "preprocess.workers=1"]
+            "preprocess.workers=1", "index.workers=1"]
 
 
 def measure(phase: str, overrides: list[str]) -> dict:
@@ -114,16 +144,35 @@ def measure(phase: str, overrides: list[str]) -> dict:
     import resource
 
     from ich import config
-    from ich.steps import preprocess, sample, split  # noqa: F401  (imports counted in the baseline)
+    from ich.steps import index, preprocess, sample, split  # noqa: F401  (imports counted in the baseline)
 
     logging.basicConfig(level=logging.WARNING)
     cfg = config.load(None, overrides)
     baseline = _rss_mb()
     start = time.perf_counter()
-    {"sample": sample, "preprocess": preprocess, "split": split}[phase].run(cfg, force=phase != "preprocess")
+    steps = {"index": index, "sample": sample, "preprocess": preprocess, "split": split}
+    # index and preprocess resume from their journals (no --force); sample and split redo.
+    steps[phase].run(cfg, force=phase in ("sample", "split"))
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # kB on Linux
     return {"phase": phase, "peak_mb": round(peak, 1), "after_imports_mb": round(baseline, 1),
             "seconds": round(time.perf_counter() - start, 1)}
+
+
+def machine() -> str:
+    """The CPU model and core count, for reading the figures."""
+    import platform
+
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    model = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"CPU: {model}, {os.cpu_count()} cores ({usable} usable by this process)"
 
 
 def _rss_mb() -> float:
@@ -147,6 +196,7 @@ def main(argv=None) -> int:
         print(json.dumps(measure(args.child[0], json.loads(args.child[1]))))
         return 0
 
+    print(machine(), flush=True)
     results = {}
     with tempfile.TemporaryDirectory(prefix="ich-scale-") as tmp:
         base = args.keep or Path(tmp)

@@ -1,4 +1,4 @@
-"""compute.scheduler: the per-file work of preprocess on a real Dask cluster on 127.0.0.1 (one
+"""compute.scheduler: `ich preprocess` and the per-file work of preprocess on a real Dask cluster on 127.0.0.1 (one
 `dask scheduler`, two `dask worker` processes) gives the same PNGs, byte for byte, and the same
 rows as a local run; a truncated file gets its reason; a file that kills its worker is the only
 one of its chunk marked failed; a worker that cannot see the folder is named."""
@@ -16,10 +16,14 @@ import pytest
 pytest.importorskip("distributed")
 
 from alt_rsna import write_alt_rsna  # noqa: E402
+from ich.cli import main  # noqa: E402
+from ich.constants import FAILURES_CSV, IMAGES_CSV  # noqa: E402
 from ich.errors import StepError  # noqa: E402
+from ich.faults import ENV  # noqa: E402
 from ich.distributed import check_folders, map_files  # noqa: E402
 from ich.steps import preprocess  # noqa: E402
 
+POISON = "ID_poisoned"
 WINDOWS = [(80.0, 200.0), (40.0, 80.0), (600.0, 2800.0)]
 SIZE = 32
 TESTS = Path(__file__).resolve().parent
@@ -41,7 +45,9 @@ def cluster(tmp_path_factory):
     dask = str(Path(sys.executable).with_name("dask"))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)]),
                # One worker death marks a task failed (default 3): the crash test stays short.
-               DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="1")
+               DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="1",
+               # A decoder crash (SIGSEGV inside read_hu) on this one file name, in the workers.
+               **{ENV: f"decode:{POISON}=crash"})
     logs = tmp_path_factory.mktemp("dask")
     procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
                                "--dashboard-address", ":0"], env=env,
@@ -153,3 +159,33 @@ def test_a_folder_the_workers_do_not_see_is_named(cluster, tmp_path, monkeypatch
         check_folders(client, outputs=[tmp_path])
     with pytest.raises(StepError, match="folder .*nowhere not found on this machine"):
         check_folders(client, inputs=[tmp_path / "nowhere"])
+
+
+def test_ich_preprocess_on_the_cluster_matches_a_local_run(cluster, dicoms, tmp_path):
+    """`ich preprocess --set compute.scheduler=tcp://...` through the CLI: the PNGs byte for byte
+    and images.csv as a local run's; a file that crashes its decoder is in failures.csv with the
+    rest done; the scheduler is not part of the step's stamp."""
+    address, client = cluster
+    local, remote = _work(tmp_path / "local", dicoms["dicom_dir"]), _work(tmp_path / "dask", dicoms["dicom_dir"])
+    good = sorted((remote / "dicom").glob("*.dcm"))[0]
+    shutil.copy(good, remote / "dicom" / f"{POISON}.dcm")
+    sets = ["--set", f"preprocess.image_size={SIZE}", "--set", "preprocess.chunk_size=4",
+            "--set", "preprocess.workers=2"]
+    assert main(["preprocess", "--set", f"paths.work_dir={local}"] + sets) == 0
+    assert main(["preprocess", "--set", f"paths.work_dir={remote}", "--set",
+                 f"compute.scheduler={address}"] + sets) == 0
+    assert (remote / IMAGES_CSV).read_bytes() == (local / IMAGES_CSV).read_bytes()
+    pngs = sorted(p.name for p in (local / "png").glob("*.png"))
+    assert pngs and pngs == sorted(p.name for p in (remote / "png").glob("*.png"))
+    for name in pngs:
+        assert (local / "png" / name).read_bytes() == (remote / "png" / name).read_bytes(), name
+    local_failures = (local / FAILURES_CSV).read_text().splitlines()
+    remote_failures = (remote / FAILURES_CSV).read_text().splitlines()
+    poisoned = [line for line in remote_failures if line.startswith(f"{POISON},")]
+    assert len(poisoned) == 1 and "worker process died" in poisoned[0], remote_failures
+    assert sorted(set(remote_failures) - set(poisoned)) == sorted(local_failures)
+    assert len(local_failures) > 1  # alt_rsna's bad files are failures on both sides
+    # Where the work ran is not a setting of the result: a local rerun finds it up to date.
+    before = (remote / IMAGES_CSV).stat().st_mtime_ns
+    assert main(["preprocess", "--set", f"paths.work_dir={remote}"] + sets) == 0
+    assert (remote / IMAGES_CSV).stat().st_mtime_ns == before

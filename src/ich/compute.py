@@ -14,9 +14,10 @@ names the item it was working on, starts a fresh worker and goes on. Each worker
 item at a time, with the next one already queued behind it (so it never waits for the parent),
 which is what makes the item at fault knowable: it is the oldest one the worker has not answered.
 
-Backends: `scheduler` null or "local" is this process pool. The interface (a function, items,
-workers, timeout; results as they finish) is what a cluster backend implements too (issue 11:
-`compute.scheduler: tcp://...`); `SCHEDULERS` is where one is added.
+Backends: `scheduler` null or "local" here is this process pool. The Dask path of the
+`compute.scheduler` setting (a LocalCluster, or `tcp://...`) is ich.distributed.map_files: it
+runs chunks of files per task and yields (chunk, rows), with machine errors raised as the
+TaskError of this module; steps choose between the two (steps/preprocess.py).
 """
 
 from __future__ import annotations

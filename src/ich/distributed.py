@@ -13,7 +13,9 @@ task with it; the scheduler reruns the task on another worker, and only after
 distributed.scheduler.allowed-failures such deaths (3 by default) marks it failed with
 KilledWorker. Those reruns are Dask's business, not failures. A chunk that fails that way (or
 raises) is split into one task per file, so only the file that kills workers gets a failure
-row (`failure(path, reason)`), and the rest of its chunk is done. Workers restart only under a
+row (`failure(path, reason)`), and the rest of its chunk is done; a file whose task raises a
+failure of the machine (disk full, I/O error, out of memory: ich.compute.is_machine_error)
+stops the map with ich.compute.TaskError, as the local pool does. Workers restart only under a
 nanny (the default of `dask worker` and of every cluster manager); without one, each death
 leaves one worker fewer.
 
@@ -31,6 +33,7 @@ import uuid
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
+from ich.compute import TaskError, is_machine_error
 from ich.errors import StepError
 
 log = logging.getLogger("ich")
@@ -163,7 +166,9 @@ def map_files(fn: Callable, chunks: Sequence[list[str]], scheduler: str, args: t
     `fn` returns one item per file of its chunk (a list); `failure(path, reason)` makes the item
     of a file that could not be done: a chunk whose task kills workers or raises is rerun one
     file per task, and a file that fails alone gets `failure(path, reason)` (without `failure`,
-    StepError). `init` runs once in every worker process (e.g. cv2.setNumThreads(1)); `inputs`
+    StepError). A file whose task raises a failure of the machine (ich.compute.is_machine_error:
+    disk full, I/O error, out of memory) is no failure of the file: TaskError(path, error) stops
+    the map, as in the local pool. `init` runs once in every worker process (e.g. cv2.setNumThreads(1)); `inputs`
     and `outputs` are checked first (check_folders). `workers` sizes a "local" cluster; `client`
     reuses an open Client instead of connecting.
     """
@@ -201,6 +206,10 @@ def map_files(fn: Callable, chunks: Sequence[list[str]], scheduler: str, args: t
             if future.status == "finished":
                 results[index] = future.result()[0]
             else:
+                err = future.exception()
+                if is_machine_error(err):
+                    # Disk full, I/O error, memory: the machine's fault, never the file's.
+                    raise TaskError(chunk[index], err) from err
                 why = _reason(future)
                 if failure is None:
                     raise StepError(f"dask: {chunk[index]} failed: {why}")

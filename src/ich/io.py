@@ -19,9 +19,25 @@ from typing import Iterator
 log = logging.getLogger("ich")
 
 
+def _read_umask() -> int:
+    """The process's umask (reading it means setting it: set and restore at once)."""
+    old = os.umask(0)
+    os.umask(old)
+    return old
+
+
+# Read once, at import: os.umask is process-wide and not thread-safe to probe on every write.
+# mkstemp creates files 0600 whatever the umask; a finished file gets what open() would give.
+FILE_MODE = 0o666 & ~_read_umask()
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it onto `path` only if the block succeeds.
+
+    The finished file has the mode a plain open() would give it (0666 less the umask, 0644
+    usually), not mkstemp's private 0600.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + path.suffix, dir=path.parent)
@@ -29,6 +45,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp_path = Path(tmp)
     try:
         yield tmp_path
+        if tmp_path.is_file():  # the block may have replaced it with a folder or removed it
+            os.chmod(tmp_path, FILE_MODE)
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():

@@ -17,7 +17,6 @@ records. A rerun after files were added reads only the new ones.
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import multiprocessing
@@ -30,6 +29,7 @@ from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
+from ich import journal
 from ich.config import resolve_workers
 from ich.constants import INDEX_FAILURES_CSV, INDEX_PARQUET
 from ich.data.index import FAILURE_COLUMNS, INDEX_COLUMNS, HeaderError, read_header
@@ -63,7 +63,7 @@ def run(cfg: dict, force: bool = False) -> Path:
     """Index every DICOM header under paths.dicom_dir; return the path of index.parquet."""
     work = Path(cfg["paths"]["work_dir"])
     source = Path(cfg["paths"]["dicom_dir"])
-    out, failures_csv, journal = work / INDEX_PARQUET, work / INDEX_FAILURES_CSV, work / JOURNAL_DIR
+    out, failures_csv, journal_dir = work / INDEX_PARQUET, work / INDEX_FAILURES_CSV, work / JOURNAL_DIR
     if not source.is_dir():
         raise StepError(f"{source} not found; set paths.dicom_dir to the folder of DICOM files")
     [stamp] = stamps(cfg)
@@ -72,18 +72,18 @@ def run(cfg: dict, force: bool = False) -> Path:
         log.info("index: %s is up to date (use --force to redo)", out)
         return out
     log.info("index: running (%s)", why)
-    if force or _journal_method(journal) != METHOD:
+    if force or _journal_method(journal_dir) != METHOD:
         # Rows of another layout (or --force) are never mixed into the new index.
-        _reset(work, journal)
-        write_json({"method": METHOD}, journal / "settings.json")
+        _reset(work, journal_dir)
+        write_json({"method": METHOD}, journal_dir / "settings.json")
 
     timer = Timer()
-    known = _known_files(work, journal)
+    known = _known_files(work, journal_dir)
     seen: set[str] = set()
-    counts = _read_all(source, work, journal, known, seen, cfg["index"])
+    counts = _read_all(source, work, journal_dir, known, seen, cfg["index"])
     if not seen:
         raise StepError(f"no .dcm files under {source}; set paths.dicom_dir to the folder of DICOM files")
-    n_ok, n_failed, n_series = _consolidate(work, journal, seen, out, failures_csv)
+    n_ok, n_failed, n_series = _consolidate(work, journal_dir, seen, out, failures_csv)
     line = summary("index", f"{n_ok:,} headers of {n_series:,} series indexed, {n_failed:,} failed "
                    f"({counts['read']:,} read now, {len(seen) - counts['read']:,} already done)",
                    counts["read"], "files", timer)
@@ -129,7 +129,7 @@ def walk_dicoms(root: Path) -> Iterator[str]:
                     yield name
 
 
-def _read_all(source: Path, work: Path, journal: Path, known: set[str], seen: set[str],
+def _read_all(source: Path, work: Path, journal_dir: Path, known: set[str], seen: set[str],
               settings: dict) -> dict:
     """Stream the folder into chunks for the pool, journalling each chunk as it finishes."""
     counts = {"read": 0, "failed": 0}
@@ -147,7 +147,7 @@ def _read_all(source: Path, work: Path, journal: Path, known: set[str], seen: se
     token = f"{time.time_ns():020d}"
     with progress(desc="index", unit="file") as bar:
         for seq, rows in enumerate(_results(chunks, str(source), workers, settings["pool"])):
-            _write_rows(journal / "parts" / f"{token}-{seq:07d}.csv", _JOURNAL_COLUMNS, rows, sync=True)
+            journal.write_part(journal_dir, f"{token}-{seq:07d}", _JOURNAL_COLUMNS, rows, "file")
             for row in rows:
                 counts["read"] += 1
                 if row["reason"]:
@@ -192,20 +192,20 @@ def _results(chunks: Iterator[list[str]], root: str, workers: int, pool_kind: st
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _known_files(work: Path, journal: Path) -> set[str]:
+def _known_files(work: Path, journal_dir: Path) -> set[str]:
     """Files already indexed (or failed): the last consolidation plus the journal."""
     import pyarrow.parquet as pq
 
     known: set[str] = set()
     if (work / INDEX_PARQUET).is_file():
         known.update(pq.read_table(work / INDEX_PARQUET, columns=["file"]).column("file").to_pylist())
-    known.update(row["file"] for row in _read_csv(work / INDEX_FAILURES_CSV))
-    for part in _parts(journal):
-        known.update(row["file"] for row in _read_csv(part))
+    known.update(row["file"] for row in journal.read_rows(work / INDEX_FAILURES_CSV, FAILURE_COLUMNS))
+    for part in journal.parts(journal_dir):
+        known.update(row["file"] for row in journal.read_rows(part, _JOURNAL_COLUMNS))
     return known
 
 
-def _consolidate(work: Path, journal: Path, seen: set[str], out: Path,
+def _consolidate(work: Path, journal_dir: Path, seen: set[str], out: Path,
                  failures_csv: Path) -> tuple[int, int, int]:
     """Previous tables + journal -> index.parquet (ranked) and index_failures.csv, for the
     files still present; empty the journal. Returns (indexed, failed, series) counts."""
@@ -216,10 +216,10 @@ def _consolidate(work: Path, journal: Path, seen: set[str], out: Path,
     frames = []
     if out.is_file():
         frames.append(pd.read_parquet(out).assign(reason=""))
-    old_failures = _read_csv(failures_csv)
+    old_failures = list(journal.read_rows(failures_csv, _JOURNAL_COLUMNS))
     if old_failures:
         frames.append(pd.DataFrame(old_failures))
-    for part in _parts(journal):
+    for part in journal.parts(journal_dir):
         frames.append(pd.read_csv(part, dtype=str, keep_default_na=False))
     table = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=_JOURNAL_COLUMNS)
     table = table[table["file"].isin(seen)].drop_duplicates("file", keep="last")
@@ -241,8 +241,8 @@ def _consolidate(work: Path, journal: Path, seen: set[str], out: Path,
     with atomic_path(out) as tmp:
         good.to_parquet(tmp, index=False)
     bad = bad.sort_values("file")
-    _write_rows(failures_csv, FAILURE_COLUMNS, bad.to_dict("records"))
-    shutil.rmtree(journal / "parts", ignore_errors=True)
+    journal.write_rows(failures_csv, FAILURE_COLUMNS, bad.to_dict("records"))
+    journal.reset(journal_dir)
     return len(good), len(bad), int(good.loc[good["series_id"] != "", "series_id"].nunique())
 
 
@@ -269,41 +269,16 @@ def _failure(file: str, reason: str) -> dict:
     return row
 
 
-def _parts(journal: Path) -> list[Path]:
-    # Part names start with a digit; a killed write leaves only a dot-named temp file.
-    return sorted((journal / "parts").glob("[0-9]*.csv"))
-
-
-def _write_rows(path: Path, columns: tuple[str, ...], rows: list[dict], sync: bool = False) -> None:
-    """A CSV written atomically (temp file + rename); `sync` also forces it to disk first."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-            if sync:
-                handle.flush()
-                os.fsync(handle.fileno())
-
-
-def _read_csv(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return [{column: row.get(column) or "" for column in _JOURNAL_COLUMNS}
-                for row in csv.DictReader(handle)]
-
-
-def _journal_method(journal: Path) -> str | None:
+def _journal_method(journal_dir: Path) -> str | None:
     try:
-        return json.loads((journal / "settings.json").read_text()).get("method")
+        return json.loads((journal_dir / "settings.json").read_text()).get("method")
     except (OSError, json.JSONDecodeError, AttributeError):
         return None
 
 
-def _reset(work: Path, journal: Path) -> None:
+def _reset(work: Path, journal_dir: Path) -> None:
     """Forget every earlier result (--force, or a new row layout)."""
     record_path(work, "index").unlink(missing_ok=True)
     (work / INDEX_PARQUET).unlink(missing_ok=True)
     (work / INDEX_FAILURES_CSV).unlink(missing_ok=True)
-    shutil.rmtree(journal, ignore_errors=True)
+    shutil.rmtree(journal_dir, ignore_errors=True)

@@ -5,6 +5,10 @@ Out: work/png/<image_id>.png (uint8 RGB, image_size square, one window per chann
 `channels` order), work/images.csv (one row per good image, sorted by image_id) and
 work/failures.csv (image_id, path, reason; always written, maybe only a header).
 
+Where: compute.scheduler null converts in this machine's process pool (ich.compute, one
+file per task); "local" or a Dask scheduler's address converts on that cluster
+(ich.distributed, chunk_size files per task), with the same rows, journal and resume.
+
 Isolation: every file is converted in a worker process (ich.compute, whatever
 preprocess.workers is), so a decoder that segfaults, is killed for memory or hangs past
 preprocess.file_timeout_s costs only that file: it is listed in failures.csv ("decoder crashed
@@ -18,8 +22,10 @@ Resume: workers write each PNG under a temporary name and rename it, so no half 
 exists. The parent appends finished rows to the journal (work/.preprocess/parts/, one fsync'd
 file per chunk_size rows or few seconds, written atomically); a run killed even with SIGKILL
 restarts from the journal, redoing only images not yet journalled. At the end the journal is
-consolidated (deduplicated, sorted) into images.csv and failures.csv. Images are never held
-by the parent, only their small manifest rows, so memory stays flat. Tables are plain csv here
+consolidated (deduplicated, sorted) into images.csv and failures.csv by a streaming merge
+(ich.journal: parts sorted by image id, heapq.merge with the previous tables), and the folder
+is listed into a compact sorted array of ids: neither the images nor a table of rows is ever
+held by the parent, so its memory stays flat at full RSNA size. Tables are plain csv here
 (no pandas): workers import this module too, and pandas would add ~0.5 s of start-up and
 ~60 MB to each of them. Dot-named files in work/dicom/ (a killed copy's temporary files) are
 never inputs.
@@ -32,10 +38,13 @@ import functools
 import logging
 import math
 import os
-import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
+import numpy as np
+
+from ich import journal
 from ich.compute import TaskError, WorkerStartError, is_machine_error, machine_message, map_files
 from ich.errors import StepError
 from ich.config import resolve_workers
@@ -55,6 +64,7 @@ FAILURE_COLUMNS = ("image_id", "path", "reason")
 _JOURNAL_COLUMNS = IMAGE_COLUMNS + ("reason",)
 _JOURNAL_EVERY_S = 5.0   # finished rows reach the journal at least this often (and every chunk_size)
 _FAILURES_LOGGED = 10
+_LIST_BLOCK = 65_536   # file names gathered per numpy block while listing work/dicom/
 
 
 def settings(cfg: dict) -> dict:
@@ -82,18 +92,18 @@ def run(cfg: dict, force: bool = False) -> Path:
     work = Path(cfg["paths"]["work_dir"])
     pp = cfg["preprocess"]
     source_dir, png_dir = work / DICOM_DIR, work / PNG_DIR
-    images_csv, failures_csv, journal = work / IMAGES_CSV, work / FAILURES_CSV, work / JOURNAL_DIR
+    images_csv, failures_csv, journal_dir = work / IMAGES_CSV, work / FAILURES_CSV, work / JOURNAL_DIR
     if not source_dir.is_dir():
         raise StepError(f"{source_dir} not found; run `ich copy` first")
-    sources = dicom_files(source_dir)
-    if not sources:
+    ids = dicom_ids(source_dir)
+    if not len(ids):
         raise StepError(f"no .dcm files in {source_dir}; run `ich copy` first")
     [stamp] = stamps(cfg)
     why = "forced" if force else reason(stamp)
     retry = bool(pp.get("retry_failed")) and not force
-    failed_before = {row["image_id"] for row in _read_csv(failures_csv)} if retry else set()
+    failed_before = sum(1 for _ in journal.read_rows(failures_csv, FAILURE_COLUMNS)) if retry else 0
     if why is None and failed_before:
-        why = f"--retry-failed: trying the {len(failed_before):,} failed images again"
+        why = f"--retry-failed: trying the {failed_before:,} failed images again"
     if why is None:
         log.info("preprocess: %s is up to date (use --force to redo)", images_csv)
         return images_csv
@@ -104,29 +114,43 @@ def run(cfg: dict, force: bool = False) -> Path:
     if force or changed is not None:
         if not force and changed != "never run":
             log.info("preprocess: redoing every image (%s)", changed)
-        _reset(work, journal, stamp, pixels)
+        _reset(work, journal_dir, stamp, pixels)
     png_dir.mkdir(parents=True, exist_ok=True)
     for leftover in png_dir.glob(".*.tmp.png"):  # temporary PNGs of a killed run
         leftover.unlink(missing_ok=True)
 
-    known = _known_rows(work, journal, set(sources))
-    if retry:
-        known = {image_id: row for image_id, row in known.items() if not row["reason"]}
-    todo = [path for image_id, path in sources.items() if image_id not in known]
+    done = np.zeros(len(ids), dtype=bool)
+    for position, row in _usable_rows(work, journal_dir, ids):
+        done[position] = not (retry and row["reason"])
+    todo = [os.path.join(source_dir, f"{os.fsdecode(image_id)}.dcm") for image_id in ids[~done]]
     timer = Timer()
-    counts = _process(todo, work, journal, settings(cfg), pp)
-    n_ok = _consolidate(work, journal, set(sources), images_csv, failures_csv)
+    counts = _process(todo, work, journal_dir, settings(cfg), pp, cfg["compute"]["scheduler"])
+    n_ok = _consolidate(work, journal_dir, ids, images_csv, failures_csv)
     line = summary("preprocess", f"{counts['ok']:,} ok, {counts['failed']:,} failed, "
-                   f"{len(sources) - len(todo):,} already done; {n_ok:,} of {len(sources):,} images "
+                   f"{len(ids) - len(todo):,} already done; {n_ok:,} of {len(ids):,} images "
                    f"usable", len(todo), "images", timer)
     record(stamp, line)
     return images_csv
 
 
-def dicom_files(folder: Path) -> dict[str, Path]:
-    """{image_id: path} of the `*.dcm` files in `folder`, sorted; dot-named files (the
-    temporary files of a killed copy, `.ID_x.dcm.XXXX.tmp.dcm`) are never inputs."""
-    return {p.stem: p for p in sorted(folder.glob("*.dcm")) if not p.name.startswith(".")}
+def dicom_ids(folder: Path) -> np.ndarray:
+    """The image ids (file names without `.dcm`, as bytes) of the `*.dcm` files in `folder`,
+    sorted: a compact array (about 16 bytes an id, where a dict of Paths took ~300), read as a
+    stream. Dot-named files (the temporary files of a killed copy, `.ID_x.dcm.XXXX.tmp.dcm`)
+    are never inputs."""
+    blocks, names = [], []
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.name.endswith(".dcm") and not entry.name.startswith("."):
+                names.append(os.fsencode(entry.name[:-4]))
+                if len(names) == _LIST_BLOCK:
+                    blocks.append(np.array(names))
+                    names = []
+    if names:
+        blocks.append(np.array(names))
+    ids = np.concatenate(blocks) if blocks else np.array([], dtype="S1")
+    ids.sort()
+    return ids
 
 
 def convert_file(path: str, work_dir: str, windows: list[tuple[float, float]], size: int,
@@ -186,24 +210,22 @@ def _write_png(path: Path, data) -> None:
 
 def journal_ids(work_dir: str | Path) -> set[str]:
     """Image ids the journal records as finished (ok or failed) since the last consolidation."""
-    return {row["image_id"] for row in _read_parts(Path(work_dir) / JOURNAL_DIR)}
+    journal_dir = Path(work_dir) / JOURNAL_DIR
+    return {row["image_id"] for part in journal.parts(journal_dir)
+            for row in journal.read_rows(part, _JOURNAL_COLUMNS)}
 
 
-def _process(todo: list[Path], work: Path, journal: Path, settings: dict, pp: dict) -> dict:
+def _process(todo: list[str], work: Path, journal_dir: Path, settings: dict, pp: dict,
+             scheduler: str | None = None) -> dict:
     """Convert `todo` in isolated worker processes, journalling finished rows as they arrive.
 
     A file that crashes or hangs its worker becomes a failure row naming what happened. A
     machine failure stops the step (StepError) after journalling everything finished before it.
+    `scheduler` (compute.scheduler) null: this machine's process pool; otherwise a Dask cluster.
     """
     counts = {"ok": 0, "failed": 0}
     if not todo:
         return counts
-    workers = min(max(1, resolve_workers(pp["workers"])), len(todo))
-    max_mb = pp.get("max_file_mb")
-    convert = functools.partial(convert_file, work_dir=str(work),
-                                windows=[(float(c), float(w)) for _, c, w in settings["windows"]],
-                                size=settings["image_size"],
-                                max_bytes=int(max_mb * 2 ** 20) if max_mb else None)
     token = f"{time.time_ns():020d}"
     rows: list[dict] = []
     parts = 0
@@ -213,17 +235,14 @@ def _process(todo: list[Path], work: Path, journal: Path, settings: dict, pp: di
         nonlocal parts, last_write
         if rows:
             # Whole or absent, and on disk before these images count as done.
-            _write_rows(journal / "parts" / f"{token}-{parts:07d}.csv", _JOURNAL_COLUMNS, rows, sync=True)
+            journal.write_part(journal_dir, f"{token}-{parts:07d}", _JOURNAL_COLUMNS, rows, "image_id")
             parts += 1
             rows.clear()
         last_write = time.monotonic()
 
     try:
         with progress(total=len(todo), desc="preprocess", unit="img") as bar:
-            for result in map_files(convert, [str(p) for p in todo], workers,
-                                    timeout_s=pp.get("file_timeout_s"), initializer=_init_worker):
-                row = result.value if result.ok else _failure(
-                    Path(result.item).stem, Path(result.item), work, f"decoder {result.failure}")
+            for row in _results(todo, work, settings, pp, scheduler):
                 rows.append(row)
                 if row["reason"]:
                     counts["failed"] += 1
@@ -249,6 +268,34 @@ def _process(todo: list[Path], work: Path, journal: Path, settings: dict, pp: di
         log.warning("preprocess: %d more failures, all listed in %s",
                     counts["failed"] - _FAILURES_LOGGED, work / FAILURES_CSV)
     return counts
+
+
+def _results(todo: list[str], work: Path, settings: dict, pp: dict,
+             scheduler: str | None) -> Iterator[dict]:
+    """Every file's journal row as it finishes, from the local pool (one file per task, with
+    the per-file time limit) or from a Dask cluster (chunk_size files per task)."""
+    workers = min(max(1, resolve_workers(pp["workers"])), len(todo))
+    max_mb = pp.get("max_file_mb")
+    windows = [(float(c), float(w)) for _, c, w in settings["windows"]]
+    max_bytes = int(max_mb * 2 ** 20) if max_mb else None
+    if scheduler is not None:
+        from ich import distributed
+
+        size = max(1, int(pp["chunk_size"]))
+        chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+        for _, rows in distributed.map_files(
+                process_chunk, chunks, scheduler, (str(work), windows, settings["image_size"], max_bytes),
+                inputs=[work / DICOM_DIR], outputs=[work / PNG_DIR],
+                failure=lambda path, why: _failure(Path(path).stem, Path(path), work, why),
+                init=_init_worker, workers=workers):
+            yield from rows
+        return
+    convert = functools.partial(convert_file, work_dir=str(work), windows=windows,
+                                size=settings["image_size"], max_bytes=max_bytes)
+    for result in map_files(convert, todo, workers,
+                            timeout_s=pp.get("file_timeout_s"), initializer=_init_worker):
+        yield result.value if result.ok else _failure(
+            Path(result.item).stem, Path(result.item), work, f"decoder {result.failure}")
 
 
 def _init_worker() -> None:
@@ -283,57 +330,42 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _read_parts(journal: Path) -> list[dict]:
-    # Part names start with a digit; a killed write leaves only a dot-named temp file.
-    return [row for part in sorted((journal / "parts").glob("[0-9]*.csv")) for row in _read_csv(part)]
+def _usable_rows(work: Path, journal_dir: Path, ids: np.ndarray) -> Iterator[tuple[int, dict]]:
+    """(position in `ids`, row) of every image finished under the current settings (the last
+    consolidation, then the journal, later rows winning), in image id order, streamed.
 
-
-def _known_rows(work: Path, journal: Path, ids: set[str]) -> dict[str, dict]:
-    """Rows already finished under the current settings (last consolidation, then the journal).
-
-    Keyed by image_id, later rows winning. An ok row whose PNG has gone missing is dropped,
-    so that image is redone.
+    Rows of images no longer in work/dicom/ are left out, and so is an ok row whose PNG has
+    gone missing, so that image is redone.
     """
-    rows = _read_csv(work / IMAGES_CSV) + _read_csv(work / FAILURES_CSV) + _read_parts(journal)
-    known = {row["image_id"]: row for row in rows if row["image_id"] in ids}
-    return {image_id: row for image_id, row in known.items()
-            if row["reason"] or (work / row["path"]).is_file()}
+    for row in journal.latest([work / IMAGES_CSV, work / FAILURES_CSV], journal_dir,
+                              _JOURNAL_COLUMNS, "image_id"):
+        key = os.fsencode(row["image_id"])
+        position = int(np.searchsorted(ids, key))
+        if position < len(ids) and ids[position] == key and (row["reason"] or (work / row["path"]).is_file()):
+            yield position, row
 
 
-def _consolidate(work: Path, journal: Path, ids: set[str], images_csv: Path,
+def _consolidate(work: Path, journal_dir: Path, ids: np.ndarray, images_csv: Path,
                  failures_csv: Path) -> int:
-    """Journal + previous tables -> failures.csv, then images.csv (atomic); empty the journal.
-
-    Returns the number of usable images.
-    """
-    known = _known_rows(work, journal, ids)
-    rows = [known[image_id] for image_id in sorted(known)]
-    good = [row for row in rows if not row["reason"]]
-    _write_rows(failures_csv, FAILURE_COLUMNS, [row for row in rows if row["reason"]])
-    _write_rows(images_csv, IMAGE_COLUMNS, good)
-    shutil.rmtree(journal / "parts", ignore_errors=True)
-    return len(good)
-
-
-def _write_rows(path: Path, columns: tuple[str, ...], rows: list[dict], sync: bool = False) -> None:
-    """A CSV written atomically (temp file + rename); `sync` also forces it to disk first."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=columns, extrasaction="ignore")
-            writer.writeheader()
-            writer.writerows(rows)
-            if sync:
-                handle.flush()
-                os.fsync(handle.fileno())
-
-
-def _read_csv(path: Path) -> list[dict]:
-    """Rows of one of our CSVs as dicts of strings with every journal column ('' where absent)."""
-    if not path.is_file():
-        return []
-    with open(path, newline="") as handle:
-        return [{column: row.get(column) or "" for column in _JOURNAL_COLUMNS}
-                for row in csv.DictReader(handle)]
+    """Journal + previous tables -> images.csv and failures.csv (atomic, sorted by image id,
+    streamed: no table is held); empty the journal. Returns the number of usable images."""
+    n_ok = 0
+    with atomic_path(images_csv) as images_tmp, atomic_path(failures_csv) as failures_tmp:
+        with open(images_tmp, "w", newline="") as images, open(failures_tmp, "w", newline="") as failures:
+            good = csv.DictWriter(images, fieldnames=IMAGE_COLUMNS, extrasaction="ignore")
+            bad = csv.DictWriter(failures, fieldnames=FAILURE_COLUMNS, extrasaction="ignore")
+            good.writeheader()
+            bad.writeheader()
+            for _, row in _usable_rows(work, journal_dir, ids):
+                if row["reason"]:
+                    bad.writerow(row)
+                else:
+                    good.writerow(row)
+                    n_ok += 1
+    # failures.csv is renamed into place first, then images.csv (inner block first); the
+    # journal goes only after both, so a kill in between redoes this merge, nothing else.
+    journal.reset(journal_dir)
+    return n_ok
 
 
 def _cell(value) -> str:
@@ -343,7 +375,7 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _reset(work: Path, journal: Path, stamp: Stamp, pixels: Stamp) -> None:
+def _reset(work: Path, journal_dir: Path, stamp: Stamp, pixels: Stamp) -> None:
     """Forget every earlier result, then record the settings the new results will follow.
 
     images.csv goes first: it must never outlive the settings it was made with.
@@ -351,5 +383,5 @@ def _reset(work: Path, journal: Path, stamp: Stamp, pixels: Stamp) -> None:
     clear(stamp)
     (work / IMAGES_CSV).unlink(missing_ok=True)
     (work / FAILURES_CSV).unlink(missing_ok=True)
-    shutil.rmtree(journal / "parts", ignore_errors=True)
+    journal.reset(journal_dir)
     record(pixels)
