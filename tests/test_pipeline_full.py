@@ -36,9 +36,13 @@ def test_run_writes_every_artifact(pipeline):
     for name in ("labels.csv", "sampled.csv", "images.csv", "failures.csv", "missing.csv",
                  "splits.csv", "augmented.csv"):
         assert (root / "work" / name).is_file(), name
-    for name in ("stage1.keras", "stage2.keras", "cascade.json", "eval/metrics.json",
-                 "eval/predictions.csv", "eval/report.md"):
+    for name in ("stage1.keras", "stage2.keras", "sequence.keras", "cascade.json", "eval/metrics.json",
+                 "eval/predictions.csv", "eval/report.md", "eval/studies.csv", "provenance.json"):
         assert (root / "run" / name).is_file(), name
+    html = (root / "run" / "eval" / "report.html").read_text()
+    # The model card carries the run's provenance; the image stages sit beside the sequence stage.
+    assert "ich version" in html and "labels CSV sha256" in html
+    assert 'id="comparison"' in html
 
 
 def test_metrics_agree_with_sklearn_on_predictions(pipeline):

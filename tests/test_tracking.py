@@ -63,6 +63,12 @@ def test_provenance_records_versions_hashes_times_and_commit(tmp_path):
     assert rows["ich version"] == "0.1.0" and rows["backend"] == "torch"
     assert rows["labels CSV sha256"] == record["inputs"]["labels_csv"]["sha256"][:16]
     assert provenance.settings_rows(tmp_path) == []  # a run without provenance: no rows
+    # The command as a report shows it: absolute paths by their last part only.
+    provenance.write(cfg, run, start, start, argv=["/opt/venv/bin/ich", "train", "--config",
+                                                    "/home/dr_smith/cfg.yaml", "--set",
+                                                    "paths.run_dir=/data/jones/run"])
+    assert dict(provenance.settings_rows(run))["command"] == (
+        "ich train --config .../cfg.yaml --set paths.run_dir=.../run")
 
 
 def test_epoch_metrics_number_both_phases_in_a_row(tmp_path):

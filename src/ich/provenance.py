@@ -150,6 +150,16 @@ def settings_rows(run_dir: str | Path) -> list[tuple[str, str]]:
              ("labels CSV sha256", (record["inputs"]["labels_csv"]["sha256"] or "missing")[:16]),
              ("splits.csv sha256", (record["inputs"]["splits_csv"]["sha256"] or "missing")[:16]),
              ("trained", f"{record['started']} to {record['ended']}"),
-             ("command", " ".join(Path(record["command"][0]).name if i == 0 else part
-                                  for i, part in enumerate(record["command"])) if record["command"] else "")]
+             ("command", " ".join(_shown(part, first=i == 0) for i, part in enumerate(record["command"])))]
     return rows
+
+
+def _shown(part: str, first: bool) -> str:
+    """A command-line word as the report shows it: the program's name, and absolute paths by
+    their last part (reports leave the machine; folder names can name people)."""
+    if first:
+        return Path(part).name
+    key, sep, value = part.partition("=")
+    if sep and value.startswith("/"):
+        return f"{key}=.../{Path(value).name}"
+    return f".../{Path(part).name}" if part.startswith("/") else part

@@ -41,6 +41,7 @@ from ich.evaluation.metrics import choose_threshold, evaluate_all
 from ich.evaluation.report import fmt, pick_examples, write_report
 from ich.io import Timer, summary, write_csv, write_json
 from ich.steps.evaluate_external import REPORT_HTML, write_html_report
+from ich.provenance import settings_rows
 from ich.stamps import Stamp, reason, record, record_path
 
 log = logging.getLogger("ich")
@@ -297,4 +298,5 @@ def settings(cfg: dict, meta: dict, run_dir: Path) -> dict[str, object]:
         "mixed precision": meta.get("mixed_precision", "?"),
         "versions": ", ".join(f"{k} {v}" for k, v in versions.items()),
         "seed": cfg["seed"],
+        **dict(settings_rows(run_dir)),   # provenance.json: version, commit, inputs' hashes, command
     }

@@ -226,6 +226,9 @@ def model_card(meta: dict, run_dir: Path) -> dict[str, object]:
         card["split"] = f"train/val/test fractions {cfg['split']['fractions']}, patient-grouped"
         card["seed"] = cfg.get("seed")
         card["weights"] = cfg["model"].get("weights") or "random init"
+    from ich.provenance import settings_rows
+
+    card.update(settings_rows(run_dir))  # version, commit, devices, inputs' hashes, when, command
     card["backend"] = meta.get("backend", "?")
     card["mixed precision"] = meta.get("mixed_precision", "?")
     card["versions"] = ", ".join(f"{k} {v}" for k, v in meta.get("versions", {}).items())
