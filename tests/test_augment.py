@@ -11,7 +11,7 @@ import pytest
 from ich import config
 from ich.data.offline_augment import augment_copy, copy_seed, offline_pipeline, plan_copies
 from ich.cli import StepError
-from ich.constants import AUGMENTED_CSV, AUGMENTED_DIR, LABELS, PNG_DIR, SPLITS_CSV
+from ich.constants import AUGMENTED_CSV, AUGMENTED_DIR, IMAGES_CSV, LABELS, PNG_DIR, SPLITS_CSV
 from tiny_workdir import ROWS, SIZE, image_for, make_workdir
 
 # Label tuples in LABELS order (any, epidural, intraparenchymal, intraventricular, subarachnoid,
@@ -138,7 +138,7 @@ def test_step_augments_train_only_and_leaves_val_test_alone(cfg):
     out = step.run(cfg)
     assert out == work / AUGMENTED_CSV
     made = pd.read_csv(out)
-    assert list(made.columns) == ["image_id", "source_id", "path", *LABELS]
+    assert list(made.columns) == ["image_id", "source_id", "path", *LABELS, "target", "series_id", "position"]
     train_ids = {k for k, (split, _) in ROWS.items() if split == "train"}
     assert set(made["source_id"]) <= train_ids and len(made) > 0
     # train: epidural 2 (a, b), subdural 2 (a, c), intraparenchymal 1 (d); target 4, cap 2.
@@ -191,7 +191,7 @@ def test_step_disabled_writes_header_only(cfg):
 
     config.set_key(cfg, "augment.enabled", False)
     out = step.run(cfg)
-    assert out.read_text().strip() == ",".join(["image_id", "source_id", "path", *LABELS])
+    assert out.read_text().strip() == ",".join(["image_id", "source_id", "path", *LABELS, "target", "series_id", "position"])
 
 
 def test_step_without_splits_says_which_step_to_run(cfg):
@@ -211,3 +211,47 @@ def test_step_records_an_unreadable_source_and_goes_on(cfg):
     assert "ID_d" not in set(made["source_id"]) and len(made) > 0
     failures = pd.read_csv(work / AUGMENTED_DIR / step.FAILURES_FILE)
     assert failures["image_id"].tolist() == ["ID_d"]
+
+
+def test_with_neighbouring_slices_a_copy_and_its_neighbours_are_transformed_alike(tmp_path):
+    """input.offsets [-1, 0, 1]: each copy comes with its neighbours' copies under the same
+    transform (a flip here), as context rows of a series of its own; loading gathers them."""
+    from ich.data.inputs import InputSpec
+    from ich.data.loading import load_split
+    from ich.steps import augment as step
+
+    work = make_workdir(tmp_path)
+    images = pd.read_csv(work / IMAGES_CSV)
+    images["series_id"] = "SE1"                       # the six train images: one series
+    images["position"] = np.arange(len(images), dtype=float)[::-1]   # in reverse table order
+    images.to_csv(work / IMAGES_CSV, index=False)
+    cfg = config.load(overrides=[f"paths.work_dir={work}", "augment.target_per_label=4",
+                                 "augment.max_copies_per_image=1", "augment.workers=1",
+                                 "input.offsets=[-1, 0, 1]", "augment.hflip_p=1.0",
+                                 "augment.vflip_p=0.0", "augment.rotate_p=0.0",
+                                 "augment.brightness_contrast_p=0.0", "augment.blur_p=0.0",
+                                 "augment.elastic_p=0.0"])
+    made = pd.read_csv(step.run(cfg))
+    copies = made[made["target"] == 1]
+    assert len(copies) and len(made) == 3 * len(copies)
+    train = pd.read_csv(work / "splits.csv")
+    train = train[train["split"] == "train"]
+    order = list(images.set_index("image_id").loc[train["image_id"], "position"].sort_values().index)
+    for copy in copies.itertuples():
+        rows = made[made["series_id"] == copy.image_id].sort_values("position")
+        assert list(rows["position"]) == [-1.0, 0.0, 1.0] and list(rows["target"]) == [0, 1, 0]
+        k = order.index(copy.source_id)
+        expected = [order[max(k - 1, 0)], copy.source_id, order[min(k + 1, len(order) - 1)]]
+        assert list(rows["source_id"]) == expected
+        for row in rows.itertuples():
+            np.testing.assert_array_equal(read_rgb(work / row.path),
+                                          read_rgb(work / PNG_DIR / f"{row.source_id}.png")[:, ::-1])
+    spec = InputSpec.from_config(config.load(overrides=["input.offsets=[-1, 0, 1]", "model.image_size=32"]))
+    data = load_split(work, "train", spec, "png", 1, include_augmented=True)
+    table = data.table
+    first = copies.iloc[0]
+    row = int(np.flatnonzero(table["image_id"] == first["image_id"])[0])
+    assert row in set(data.targets)
+    gathered = table["image_id"].to_numpy()[data.neighbours[row]]
+    rows = made[made["series_id"] == first["image_id"]].sort_values("position")
+    assert list(gathered) == list(rows["image_id"])

@@ -63,8 +63,12 @@ def split_table(work_dir: Path, split: str, include_augmented: bool) -> pd.DataF
     if include_augmented and split == "train" and (work_dir / AUGMENTED_CSV).is_file():
         augmented = _read_csv(work_dir / AUGMENTED_CSV, "augment", ["image_id", "path", *LABELS])
         if len(augmented):  # header only when augmentation is off
-            extra = augmented[["image_id", *LABELS, "path"]].assign(**{TARGET: 1, "series_id": "",
-                                                                       "position": np.nan, "study_id": ""})
+            # Each copy is a series of its own: with context, its augmented neighbours (target 0).
+            defaults = {TARGET: 1, "series_id": "", "position": np.nan}
+            for column, value in defaults.items():
+                if column not in augmented.columns:
+                    augmented[column] = value
+            extra = augmented[["image_id", *LABELS, "path", *defaults]].assign(study_id="")
             table = pd.concat([table, extra], ignore_index=True)
     table["path"] = [str(work_dir / p) for p in table["path"]]
     table[[*LABELS, TARGET]] = table[[*LABELS, TARGET]].astype(np.int64)
