@@ -167,7 +167,7 @@ def test_reruns_exactly_what_changed(trained, caplog):
     from ich.steps import train
 
     cfg, run_dir, path = trained
-    times = {name: (run_dir / name).stat().st_mtime_ns for name in (STAGE1_MODEL, STAGE2_MODEL)}
+    times = {name: (run_dir / name).stat().st_mtime_ns for name in (STAGE1_MODEL, STAGE2_MODEL, "sequence.keras")}
     before = json.loads(path.read_text())
     with caplog.at_level("INFO", logger="ich"):
         assert train.run(cfg) == path
@@ -191,6 +191,9 @@ def test_reruns_exactly_what_changed(trained, caplog):
     assert "stage1 is up to date" in caplog.text
     assert (run_dir / STAGE1_MODEL).stat().st_mtime_ns == times[STAGE1_MODEL]
     assert (run_dir / STAGE2_MODEL).stat().st_mtime_ns > times[STAGE2_MODEL]
+    # The sequence stage starts from stage 2's features: it is retrained too.
+    assert "training sequence (" in caplog.text
+    assert (run_dir / "sequence.keras").stat().st_mtime_ns > times["sequence.keras"]
 
 
 def test_stage_stamps_name_the_setting_and_input_that_changed(tmp_path):

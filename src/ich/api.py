@@ -111,8 +111,9 @@ def predict(model, inputs, cfg: dict | None = None, out_dir: str | Path | None =
     """Predictions of `model` (a run directory or a load_model result) as a DataFrame.
 
     `inputs` is either an image array (N, S, S, 3) RGB, uint8 or float in [0, 1], windowed like
-    work/png/ (rows in input order: the six probabilities, then `<label>_pred` 0/1 calls at the
-    run's thresholds), or DICOM/PNG files and folders (one path or a list): then the rows of
+    work/png/, each image scored alone (a series of its own: a context model's neighbours are the
+    image itself; rows in input order: the six probabilities, then `<label>_pred` 0/1 calls at
+    the run's thresholds), or DICOM/PNG files and folders (one path or a list): then the rows of
     predictions.csv of `ich predict`, written to out_dir (a temporary folder when None) with
     submission.csv, studies.csv and failures.csv. `cfg` (default: the defaults) gives
     predict.batch_size and predict.workers.
@@ -122,7 +123,8 @@ def predict(model, inputs, cfg: dict | None = None, out_dir: str | Path | None =
     cfg = cfg if cfg is not None else load_config()
     if isinstance(inputs, np.ndarray):
         cascade = model if hasattr(model, "predict") else load_model(model)
-        probs = cascade.predict(inputs, batch_size=int(batch_size or cfg["predict"]["batch_size"]))
+        probs, _, _ = cascade.predict_slices(inputs, [""] * len(inputs), [0.0] * len(inputs),
+                                             int(batch_size or cfg["predict"]["batch_size"]))
         table = pd.DataFrame(probs, columns=list(LABELS))
         for label in LABELS:
             table[f"{label}_pred"] = (table[label] >= cascade.thresholds[label]).astype(int)
