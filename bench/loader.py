@@ -60,6 +60,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
     args = parser.parse_args()
+    from machine import describe  # bench/machine.py, beside this script
+
+    print(describe(), flush=True)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)

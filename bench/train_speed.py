@@ -35,7 +35,6 @@ import argparse
 import copy
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,20 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 OUTPUTS = {"stage1": 1, "stage2": 5}
-
-
-def machine() -> str:
-    """CPU model and core count (lscpu), plus the load average, for the output's first line."""
-    model = "unknown CPU"
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in text.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    return f"{model}, {os.cpu_count()} cores, load average {load}"
 
 
 def random_batch(batch: int, size: int, outputs: int, seed: int = 0):
@@ -245,6 +230,9 @@ def main(argv=None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="ich config override (e.g. train.jit_compile=true); repeatable")
     args = parser.parse_args(argv)
+    from machine import describe  # bench/machine.py, beside this script
+
+    print(describe(), flush=True)
 
     import keras
     import torch
@@ -263,7 +251,7 @@ def main(argv=None) -> int:
     from ich import backend
 
     cfg = ich_config(args.size, args.batch, args.set)
-    print(f"{machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads), keras "
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), keras "
           f"{keras.__version__}, timm {timm.__version__}")
     print(f"{args.size} px, batch {args.batch}, float32, Adam, random init; {args.rounds} "
           f"interleaved rounds x {args.steps} steps after {args.warmup} warm-up; ich jit_compile "
