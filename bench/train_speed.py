@@ -5,7 +5,7 @@
     .venv/bin/python bench/train_speed.py --set train.jit_compile=true   # ich with torch.compile
 
 ich's side is built exactly as `ich train` builds it: the config (configs/base.yaml plus
---set), ich.models.online_augment's layers inside the model, ich.steps.train's model builder,
+--set), ich.models.online_augment's layers inside the model, the stage's builder (ich.training.stages),
 loss (class weights for stage 1, per-label positive weights for stage 2), AUC metric, Adam at
 train.finetune_lr, train.jit_compile resolved as `ich train` does, random init with the whole
 network trainable (model.weights null: ich's finetune phase). It is timed once with online
@@ -67,24 +67,27 @@ def ich_config(size: int, batch: int, overrides: list[str]) -> dict:
 
 
 def ich_training(cfg: dict, stage: str, augment: bool, x, y):
-    """A zero-argument training step of ich's `stage`, compiled as `ich train` compiles it."""
+    """A zero-argument training step of ich's `stage`, compiled as `ich train` compiles it
+    (ich.training.trainer.train_stage: the stage's builder, seed, loss, metric, jit)."""
     import keras
 
     from ich import backend
+    from ich.data.inputs import InputSpec
     from ich.models.cascade import set_backbone_trainable
     from ich.models.online_augment import online_augmentation
-    from ich.steps import train as train_step
+    from ich.training.stages import get_stage, phase_lr, stage_seed
 
     cfg = copy.deepcopy(cfg)
     cfg["online_augment"]["enabled"] = augment
-    seed = int(cfg["seed"])
+    description = get_stage(stage)
+    seed = stage_seed(cfg, description)
     backend.set_seed(seed)
     augmentation = online_augmentation(cfg["online_augment"], seed)
-    model = train_step.build_model(cfg, stage, augmentation)
+    model = description.build(cfg, InputSpec.from_config(cfg), augmentation)
     set_backbone_trainable(model, True, pretrained=False)
-    loss, class_weight = train_step._loss(cfg, stage, y)
-    model.compile(optimizer=keras.optimizers.Adam(float(cfg["train"]["finetune_lr"])), loss=loss,
-                  metrics=[train_step._auc(stage)],
+    loss, class_weight = description.loss(cfg, y)
+    model.compile(optimizer=keras.optimizers.Adam(phase_lr(cfg, "finetune")), loss=loss,
+                  metrics=[description.metric()],
                   jit_compile=backend.resolve_jit(cfg["train"]["jit_compile"]))
 
     def step():
@@ -96,10 +99,12 @@ def ich_training(cfg: dict, stage: str, augment: bool, x, y):
 def ich_inference_model(cfg: dict, stage: str):
     """ich's stage as `ich predict` runs it: the float32 model without augmentation layers."""
     from ich import backend
-    from ich.steps import train as train_step
+    from ich.data.inputs import InputSpec
+    from ich.training.stages import get_stage, stage_seed
 
-    backend.set_seed(int(cfg["seed"]))
-    return train_step.build_model(cfg, stage, augmentation=None)
+    description = get_stage(stage)
+    backend.set_seed(stage_seed(cfg, description))
+    return description.build(cfg, InputSpec.from_config(cfg), None)
 
 
 # --------------------------------------------------------------------------------------- timm
