@@ -150,6 +150,10 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per side")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top", type=int, default=15, help="rows of the operator tables")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's own, one per core); 1 is "
+                             "steadier on a machine other jobs share: a descheduled thread stalls "
+                             "every parallel operator, and the side issuing more operators pays more")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="ich config override; repeatable")
     args = parser.parse_args(argv)
@@ -160,6 +164,9 @@ def main(argv=None) -> int:
     import torch
 
     import train_speed
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if keras.backend.backend() != "torch":
         print("error: the torch profiler needs KERAS_BACKEND=torch", file=sys.stderr)

@@ -232,6 +232,10 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", nargs="+", default=["stage1", "stage2"], choices=list(OUTPUTS))
     parser.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime column")
     parser.add_argument("--no-inference", action="store_true", help="training only")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's own, one per core); 1 is "
+                             "steadier on a machine other jobs share: a descheduled thread stalls "
+                             "every parallel operator, and the side issuing more operators pays more")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="ich config override (e.g. train.jit_compile=true); repeatable")
     args = parser.parse_args(argv)
@@ -241,6 +245,9 @@ def main(argv=None) -> int:
 
     import keras
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if keras.backend.backend() != "torch":
         print(f"error: run with KERAS_BACKEND=torch (now {keras.backend.backend()}): the "
