@@ -34,6 +34,9 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128, help="phantom image side (px)")
     parser.add_argument("--seed", type=int, default=7)
     args = parser.parse_args()
+    from machine import describe  # bench/machine.py, beside this script
+
+    print(describe(), flush=True)
 
     from blood_detector import build_blood_detector, lesion_slices
 

@@ -151,6 +151,9 @@ def main(argv=None) -> int:
     parser.add_argument("--cpu", action="store_true",
                         help="Keras side only, on CPU, float32 (no timm comparison): what the demo gets")
     args = parser.parse_args(argv)
+    from machine import describe  # bench/machine.py, beside this script
+
+    print(describe(), flush=True)
     if args.cpu:
         return cpu_table(args)
 

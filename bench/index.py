@@ -85,6 +85,9 @@ def main() -> None:
     parser.add_argument("--dir", help="a folder of .dcm files to index instead of phantoms")
     parser.add_argument("--workers", default="auto", help="workers of the parallel variant")
     args = parser.parse_args()
+    from machine import describe  # bench/machine.py, beside this script
+
+    print(describe(), flush=True)
     sys.path.insert(0, str(REPO / "src"))
     with tempfile.TemporaryDirectory(prefix="ich-bench-index-") as tmp:
         tmp = Path(tmp)

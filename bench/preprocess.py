@@ -121,6 +121,9 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=256, help="output PNG side")
     parser.add_argument("--workers", default="auto")
     args = parser.parse_args()
+    from machine import describe  # bench/machine.py, beside this script
+
+    print(describe(), flush=True)
 
     from ich import config
 

@@ -63,6 +63,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=752_803)
     args = parser.parse_args()
+    from machine import describe  # bench/machine.py, beside this script
+
+    print(describe(), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         csv = Path(tmp) / "stage_2_train.csv"
         rows = write_csv(csv, args.images)

@@ -51,6 +51,10 @@ def main(argv=None) -> int:
         return 0
     from distributed import Client
 
+    from machine import describe  # bench/machine.py, beside this script
+
+    # The host that submits (the scheduler runs here); the workers' CPUs are the cluster's.
+    print(f"submitting host {describe()}", flush=True)
     slurm.scale(jobs=args.jobs)
     with Client(slurm) as client:
         print(f"scheduler {slurm.scheduler_address}, dashboard {client.dashboard_link}", flush=True)

@@ -5,7 +5,7 @@
     .venv/bin/python bench/train_speed.py --set train.jit_compile=true   # ich with torch.compile
 
 ich's side is built exactly as `ich train` builds it: the config (configs/base.yaml plus
---set), ich.models.online_augment's layers inside the model, ich.steps.train's model builder,
+--set), ich.models.online_augment's layers inside the model, the stage's builder (ich.training.stages),
 loss (class weights for stage 1, per-label positive weights for stage 2), AUC metric, Adam at
 train.finetune_lr, train.jit_compile resolved as `ich train` does, random init with the whole
 network trainable (model.weights null: ich's finetune phase). It is timed once with online
@@ -35,7 +35,6 @@ import argparse
 import copy
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,20 +46,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 
 OUTPUTS = {"stage1": 1, "stage2": 5}
-
-
-def machine() -> str:
-    """CPU model and core count (lscpu), plus the load average, for the output's first line."""
-    model = "unknown CPU"
-    try:
-        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in text.splitlines():
-            if line.startswith("Model name:"):
-                model = line.split(":", 1)[1].strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    load = ", ".join(f"{v:.2f}" for v in os.getloadavg())
-    return f"{model}, {os.cpu_count()} cores, load average {load}"
 
 
 def random_batch(batch: int, size: int, outputs: int, seed: int = 0):
@@ -82,24 +67,27 @@ def ich_config(size: int, batch: int, overrides: list[str]) -> dict:
 
 
 def ich_training(cfg: dict, stage: str, augment: bool, x, y):
-    """A zero-argument training step of ich's `stage`, compiled as `ich train` compiles it."""
+    """A zero-argument training step of ich's `stage`, compiled as `ich train` compiles it
+    (ich.training.trainer.train_stage: the stage's builder, seed, loss, metric, jit)."""
     import keras
 
     from ich import backend
+    from ich.data.inputs import InputSpec
     from ich.models.cascade import set_backbone_trainable
     from ich.models.online_augment import online_augmentation
-    from ich.steps import train as train_step
+    from ich.training.stages import get_stage, phase_lr, stage_seed
 
     cfg = copy.deepcopy(cfg)
     cfg["online_augment"]["enabled"] = augment
-    seed = int(cfg["seed"])
+    description = get_stage(stage)
+    seed = stage_seed(cfg, description)
     backend.set_seed(seed)
     augmentation = online_augmentation(cfg["online_augment"], seed)
-    model = train_step.build_model(cfg, stage, augmentation)
+    model = description.build(cfg, InputSpec.from_config(cfg), augmentation)
     set_backbone_trainable(model, True, pretrained=False)
-    loss, class_weight = train_step._loss(cfg, stage, y)
-    model.compile(optimizer=keras.optimizers.Adam(float(cfg["train"]["finetune_lr"])), loss=loss,
-                  metrics=[train_step._auc(stage)],
+    loss, class_weight = description.loss(cfg, y)
+    model.compile(optimizer=keras.optimizers.Adam(phase_lr(cfg, "finetune")), loss=loss,
+                  metrics=[description.metric()],
                   jit_compile=backend.resolve_jit(cfg["train"]["jit_compile"]))
 
     def step():
@@ -111,10 +99,12 @@ def ich_training(cfg: dict, stage: str, augment: bool, x, y):
 def ich_inference_model(cfg: dict, stage: str):
     """ich's stage as `ich predict` runs it: the float32 model without augmentation layers."""
     from ich import backend
-    from ich.steps import train as train_step
+    from ich.data.inputs import InputSpec
+    from ich.training.stages import get_stage, stage_seed
 
-    backend.set_seed(int(cfg["seed"]))
-    return train_step.build_model(cfg, stage, augmentation=None)
+    description = get_stage(stage)
+    backend.set_seed(stage_seed(cfg, description))
+    return description.build(cfg, InputSpec.from_config(cfg), None)
 
 
 # --------------------------------------------------------------------------------------- timm
@@ -242,12 +232,22 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", nargs="+", default=["stage1", "stage2"], choices=list(OUTPUTS))
     parser.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime column")
     parser.add_argument("--no-inference", action="store_true", help="training only")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's own, one per core); 1 is "
+                             "steadier on a machine other jobs share: a descheduled thread stalls "
+                             "every parallel operator, and the side issuing more operators pays more")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="ich config override (e.g. train.jit_compile=true); repeatable")
     args = parser.parse_args(argv)
+    from machine import describe  # bench/machine.py, beside this script
+
+    print(describe(), flush=True)
 
     import keras
     import torch
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     if keras.backend.backend() != "torch":
         print(f"error: run with KERAS_BACKEND=torch (now {keras.backend.backend()}): the "
@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     from ich import backend
 
     cfg = ich_config(args.size, args.batch, args.set)
-    print(f"{machine()}; torch {torch.__version__} ({torch.get_num_threads()} threads), keras "
+    print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), keras "
           f"{keras.__version__}, timm {timm.__version__}")
     print(f"{args.size} px, batch {args.batch}, float32, Adam, random init; {args.rounds} "
           f"interleaved rounds x {args.steps} steps after {args.warmup} warm-up; ich jit_compile "

@@ -54,7 +54,8 @@ def test_import_ich_is_light_and_registers_with_keras(tmp_path):
         "import keras\n"
         "from keras.src.saving.object_registration import GLOBAL_CUSTOM_OBJECTS as R\n"
         "print(sorted(k for k in R if k.startswith('ich>')))\n")
-    assert "['ich>RandomWarp', 'ich>TokenEmbedding', 'ich>WeightedBCE']" in _python(code, tmp_path)
+    assert ("['ich>FastBatchNormalization', 'ich>FastConv2D', 'ich>FastDepthwiseConv2D', "
+            "'ich>RandomWarp', 'ich>TokenEmbedding', 'ich>WeightedBCE']") in _python(code, tmp_path)
 
 
 def test_plain_keras_loads_a_model_with_custom_layers_after_import_ich(tmp_path):

@@ -129,6 +129,24 @@ def test_batches_gather_neighbouring_slices_into_channels():
     np.testing.assert_array_equal(np.rint(x[0, 0, 0] * 255), [11, 21, 31])
 
 
+def test_batches_context_batch_equals_a_hand_built_stack():
+    from ich.data.inputs import InputSpec
+
+    rng = np.random.default_rng(3)
+    images = rng.integers(0, 256, (12, 4, 4, 3), dtype=np.uint8)
+    neighbours = np.array([[max(i - 1, 0), i, min(i + 1, 11)] for i in range(12)])
+    spec = InputSpec(image_size=4, windows={"a": (0, 1), "b": (0, 1), "c": (0, 1)},
+                     channels=("a", "b", "c"), offsets=(-1, 0, 1))
+    batches = loading.Batches(images, np.arange(12.0), 5, shuffle=True, seed=4,
+                              neighbours=neighbours, spec=spec, indices=np.arange(1, 11))
+    for i in range(len(batches)):
+        x, y = batches[i]
+        rows = y[:, 0].astype(int)  # the label of row r is r
+        hand = np.concatenate([images[neighbours[rows, k]] for k in range(3)], axis=-1)
+        # v * float32(1 / 255), as before the gather was rewritten (division rounds differently)
+        np.testing.assert_array_equal(x, hand.astype(np.float32) * np.float32(1 / 255))
+
+
 def test_batches_shapes_range_len_and_last_partial_batch():
     images = np.arange(7 * 2 * 2 * 3, dtype=np.uint8).reshape(7, 2, 2, 3)
     labels = np.arange(7, dtype=np.float32)[:, None]

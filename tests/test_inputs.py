@@ -52,6 +52,28 @@ def test_assemble_equals_a_hand_built_stack():
         spec().assemble(stack)
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.float32, np.int16])  # int16: the numpy path
+def test_gather_equals_a_hand_built_stack(dtype):
+    rng = np.random.default_rng(1)
+    slices = rng.integers(0, 256, (6, 8, 8, 3)).astype(dtype)        # (U, S, S, RGB)
+    index = np.array([[0, 1, 2], [2, 2, 5], [4, 3, 3]])               # repeats, out of order
+    nine = spec(offsets=(-1, 0, 1)).gather(slices, index)
+    hand = np.stack([np.concatenate([slices[a], slices[b], slices[c]], axis=-1) for a, b, c in index])
+    assert nine.dtype == dtype and nine.shape == (3, 8, 8, 9)
+    np.testing.assert_array_equal(nine, hand)
+    bone = spec(offsets=(0, 1, -1), slice_channels="bone").gather(slices, index)
+    np.testing.assert_array_equal(bone, np.stack([slices[row][..., 2].transpose(1, 2, 0) for row in index]))
+    two = spec(offsets=(-2, 0)).gather(slices, index[:, :2])
+    np.testing.assert_array_equal(two, hand[..., :6])
+    single = spec().gather(slices, index[:, :1])
+    np.testing.assert_array_equal(single, slices[index[:, 0]])
+    np.testing.assert_array_equal(spec(slice_channels="brain").gather(slices, index[:, :1]),
+                                  slices[index[:, 0]][..., 1:2])
+    assert spec(offsets=(-1, 0, 1)).gather(slices, np.zeros((0, 3), int)).shape == (0, 8, 8, 9)
+    with pytest.raises(ValueError, match="index"):
+        spec(offsets=(-1, 0, 1)).gather(slices, index[:, :2])
+
+
 def test_bad_descriptions_name_the_key():
     with pytest.raises(ValueError, match="offsets"):
         spec(offsets=(-1, 1))

@@ -230,18 +230,19 @@ class Batches(keras.utils.PyDataset):
         """uint8 model inputs (len(rows), S, S, C) of the given input rows, in that order."""
         needed = self.neighbours[rows]                           # (b, K) rows of `images`
         unique, inverse = np.unique(needed, return_inverse=True)  # sorted: a memmap read front to back
-        slices = np.asarray(self.images[unique])[inverse.reshape(needed.shape)]  # (b, K, S, S, 3)
+        slices = np.asarray(self.images[unique])                 # (u, S, S, 3), each slice read once
+        index = inverse.reshape(needed.shape)
         if self.spec is None:
-            return slices[:, 0]
-        return self.spec.assemble(slices)
+            return slices[index[:, 0]]
+        return self.spec.gather(slices, index)
 
     def __getitem__(self, index: int):
         if not 0 <= index < len(self):
             raise IndexError(f"batch {index} out of range 0..{len(self) - 1}")
         # Sorted rows read a memory map front to back; the batch's content is unchanged.
         rows = np.sort(self.order[index * self.batch_size:(index + 1) * self.batch_size])
-        x = self.inputs(rows).astype(np.float32)
-        x *= 1.0 / 255.0
+        # One pass uint8 -> float32 in [0, 1] (astype then *= would write the batch twice).
+        x = np.multiply(self.inputs(rows), np.float32(1.0 / 255.0), dtype=np.float32)
         return x, self.labels[rows]
 
     def on_epoch_end(self) -> None:

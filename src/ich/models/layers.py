@@ -1,6 +1,9 @@
 """Custom Keras layers of the cascade, registered so `keras.saving.load_model` finds them.
 
 In/out: tensors. `TokenEmbedding` adds one learned vector per token to a (N, T, D) sequence.
+`FastConv2D`, `FastDepthwiseConv2D` and `FastBatchNormalization` are the Keras layers with a
+faster call on the torch backend (same weights and results within float tolerance);
+`with_fast_layers` swaps them into a built backbone.
 """
 
 from __future__ import annotations
@@ -40,3 +43,138 @@ class TokenEmbedding(keras.layers.Layer):
     def get_config(self):
         """No arguments beyond the base layer's: the table size comes from the input shape."""
         return super().get_config()
+
+
+# ------------------------------------------------------------------------------------------
+# Torch fast paths of the backbones' convolution and batch-normalisation layers.
+#
+# Why (bench/profile_train.py, stage 1 at 64-128 px on CPU): Keras 3.15's torch backend turns
+# every channels-last convolution into permute + .contiguous() (a copy to NCHW) + a copy back
+# to torch's channels_last memory format, and computes BatchNormalization in training from
+# about a dozen elementwise and reduction operators (E[x^2] - E[x]^2, then subtract, multiply,
+# add) instead of torch's one fused kernel and its fused backward. Together those made ich's
+# EfficientNetV2B0 step issue over twice as many operators as timm's and spend most of its time
+# outside the convolutions. The layers below are the Keras layers with the same weights,
+# arguments and saved config; on the torch backend (channels-last, float32, no mask, no
+# renorm) their call is a permuted *view* into torch.nn.functional.conv2d (which reads and
+# writes channels_last memory natively: no copy) and torch.native_batch_norm; on every other
+# backend, and in every other case, they run the Keras layer's own code unchanged.
+# ------------------------------------------------------------------------------------------
+
+def _torch_fast(inputs, data_format: str = "channels_last") -> bool:
+    """True when the torch fast path applies: torch backend, channels last, float32 input."""
+    if keras.backend.backend() != "torch" or data_format != "channels_last":
+        return False
+    return keras.backend.standardize_dtype(inputs.dtype) == "float32"
+
+
+def _same_padding(length: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+    """(before, after) of "same" padding along one axis, as Keras and TensorFlow pad: the extra
+    pixel of an odd total goes after."""
+    effective = (kernel - 1) * dilation + 1
+    out = -(-length // stride)
+    total = max(0, (out - 1) * stride + effective - length)
+    return total // 2, total - total // 2
+
+
+def torch_conv2d(inputs, kernel, strides, padding: str, dilation_rate):
+    """Channels-last 2-D convolution on torch without layout copies.
+
+    inputs (N, H, W, C) and kernel (kh, kw, C / groups, F), Keras' layout; returns (N, H', W', F)
+    as keras.ops.conv does ("valid" or "same" padding, groups from the channel counts).
+    """
+    import torch.nn.functional as F
+
+    x = keras.ops.convert_to_tensor(inputs).permute(0, 3, 1, 2)  # a view: NCHW over channels_last memory
+    w = keras.ops.convert_to_tensor(kernel).permute(3, 2, 0, 1)  # (F, C / groups, kh, kw)
+    groups = x.shape[1] // w.shape[1]
+    pad = (0, 0)
+    if padding == "same":
+        (top, bottom), (left, right) = (
+            _same_padding(x.shape[2 + i], w.shape[2 + i], strides[i], dilation_rate[i]) for i in range(2))
+        if (top, left) == (bottom, right):
+            pad = (top, left)
+        else:
+            x = F.pad(x, (left, right, top, bottom))
+    y = F.conv2d(x, w, None, tuple(strides), pad, tuple(dilation_rate), groups)
+    return y.permute(0, 2, 3, 1)     # a view again when y is channels_last (the usual case)
+
+
+@keras.saving.register_keras_serializable(package="ich")
+class FastConv2D(keras.layers.Conv2D):
+    """keras.layers.Conv2D with a copy-free convolution on torch (see the block comment above)."""
+
+    def convolution_op(self, inputs, kernel):
+        """The convolution of `inputs` with `kernel`; Keras' own off the torch fast path."""
+        if not _torch_fast(inputs, self.data_format):
+            return super().convolution_op(inputs, kernel)
+        return torch_conv2d(inputs, kernel, self.strides, self.padding, self.dilation_rate)
+
+
+@keras.saving.register_keras_serializable(package="ich")
+class FastDepthwiseConv2D(keras.layers.DepthwiseConv2D):
+    """keras.layers.DepthwiseConv2D with a copy-free convolution on torch."""
+
+    def call(self, inputs):
+        """Depthwise convolution, bias and activation, as the Keras layer computes them."""
+        if not _torch_fast(inputs, self.data_format):
+            return super().call(inputs)
+        kh, kw, channels, multiplier = self.kernel.shape
+        # Keras' own reshape: (kh, kw, C, M) -> (kh, kw, 1, C * M), a grouped convolution.
+        kernel = keras.ops.reshape(self.kernel, (kh, kw, 1, channels * multiplier))
+        outputs = torch_conv2d(inputs, kernel, self.strides, self.padding, self.dilation_rate)
+        if self.use_bias:
+            outputs = keras.ops.add(outputs, self.bias)
+        if self.activation is not None:
+            return self.activation(outputs)
+        return outputs
+
+
+@keras.saving.register_keras_serializable(package="ich")
+class FastBatchNormalization(keras.layers.BatchNormalization):
+    """keras.layers.BatchNormalization through torch's fused kernel on torch.
+
+    Same moving-average update as Keras (momentum, biased batch variance); the batch statistics
+    come out of the fused forward (torch.native_batch_norm's saved mean and inverse std).
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        """Normalise `inputs`; Keras' own code off the torch fast path."""
+        if (mask is not None or self.renorm or self.synchronized or not _torch_fast(inputs)
+                or self.axis not in (-1, len(inputs.shape) - 1)):
+            return super().call(inputs, training=training, mask=mask)
+        import torch
+
+        x = inputs.movedim(-1, 1)  # a view: channels on axis 1, as torch's kernels expect
+        gamma = self.gamma.value if self.scale else None
+        beta = self.beta.value if self.center else None
+        if training and self.trainable:
+            y, mean, invstd = torch.native_batch_norm(x, gamma, beta, None, None, True, 0.0,
+                                                      self.epsilon)
+            with torch.no_grad():
+                variance = invstd.pow(-2) - self.epsilon
+                self.moving_mean.assign(self.moving_mean.value * self.momentum
+                                        + mean * (1.0 - self.momentum))
+                self.moving_variance.assign(self.moving_variance.value * self.momentum
+                                            + variance * (1.0 - self.momentum))
+        else:
+            y = torch.nn.functional.batch_norm(x, self.moving_mean.value, self.moving_variance.value,
+                                               gamma, beta, False, 0.0, self.epsilon)
+        return keras.ops.cast(y.movedim(1, -1), self.compute_dtype)
+
+
+# Keras layer class -> its fast twin, swapped in by `with_fast_layers`.
+FAST_LAYERS = {keras.layers.Conv2D: FastConv2D, keras.layers.DepthwiseConv2D: FastDepthwiseConv2D,
+               keras.layers.BatchNormalization: FastBatchNormalization}
+
+
+def with_fast_layers(model: keras.Model) -> keras.Model:
+    """A copy of functional `model` (same name, weights and topology) with each layer of a
+    FAST_LAYERS class replaced by its fast twin; every other layer is cloned as is."""
+    def clone(layer):
+        cls = FAST_LAYERS.get(type(layer), type(layer))
+        return cls.from_config(layer.get_config())
+
+    fast = keras.models.clone_model(model, clone_function=clone)
+    fast.set_weights(model.get_weights())
+    return fast

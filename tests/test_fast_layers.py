@@ -1,0 +1,160 @@
+"""ich.models.layers' fast Conv2D / DepthwiseConv2D / BatchNormalization against Keras' own.
+
+The reference is the unoptimised path: the same network built from the plain Keras layers,
+with the same weights and input. Torch (this process): forward in inference and in training
+mode, the moving statistics after a training call, and the gradients, all within float
+tolerance. JAX (a subprocess): the fast model saved here loads there (the layers are
+registered) and its forward equals the torch reference outputs.
+"""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from ich.models import layers as fast_layers
+from ich.models.backbones import build_backbone
+
+ATOL = 2e-5
+CHECK = """
+import sys, numpy as np, keras
+import ich.models.layers  # registers the ich layers
+model = keras.saving.load_model(sys.argv[1], compile=False)
+x = np.load(sys.argv[2])
+for training in (False, True):
+    np.save(sys.argv[3] + f"_{int(training)}.npy", keras.ops.convert_to_numpy(model(x, training=training)))
+print(keras.backend.backend(), sorted({type(l).__name__ for l in model.layers}))
+"""
+
+
+def small_network() -> keras.Model:
+    """Every case of the fast paths: strided 'same' (asymmetric padding), 'valid', dilation,
+    grouped-by-depth convolution with multiplier and bias, BatchNorm with and without
+    centre/scale, an activation inside a conv."""
+    inputs = keras.Input((9, 10, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization(momentum=0.9)(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2)(x)
+    x = keras.layers.BatchNormalization(center=False, scale=False, epsilon=1e-5)(x)
+    x = keras.layers.Conv2D(6, 3, padding="valid", dilation_rate=1, activation="swish")(x)
+    x = keras.layers.Conv2D(4, 2, padding="same", dilation_rate=2)(x)
+    x = keras.layers.BatchNormalization()(x)
+    return keras.Model(inputs, x)
+
+
+def randomised(model: keras.Model, seed: int = 0, statistics_only: bool = False) -> keras.Model:
+    """Give every weight (or only the BatchNorm statistics) random values: the defaults (zero
+    mean, unit variance, zero bias) would hide a mix-up."""
+    rng = np.random.default_rng(seed)
+    for w in model.weights:
+        if "variance" in w.path:
+            w.assign(rng.uniform(0.5, 2.0, w.shape).astype("float32"))
+        elif not statistics_only or "moving_mean" in w.path:
+            w.assign(rng.normal(0, 0.5 if not statistics_only else 0.1, w.shape).astype("float32"))
+    return model
+
+
+def assert_close_to_scale(got, want, tolerance=1e-5):
+    """Equal within `tolerance` of the largest magnitude: a deep float32 network's outputs
+    differ by rounding in proportion to their scale."""
+    assert got.shape == want.shape
+    assert np.abs(got - want).max() <= tolerance * max(np.abs(want).max(), 1.0), \
+        (np.abs(got - want).max(), np.abs(want).max())
+
+
+def no_dropout(model: keras.Model) -> keras.Model:
+    """Zero every Dropout rate (EfficientNet's drop-connect): training mode becomes deterministic."""
+    for layer in model._flatten_layers():
+        if isinstance(layer, keras.layers.Dropout):
+            layer.rate = 0.0
+    return model
+
+
+def numpy(t):
+    return keras.ops.convert_to_numpy(t)
+
+
+def test_the_fast_twins_replace_the_keras_layers_and_keep_the_weights():
+    reference = randomised(small_network())
+    fast = fast_layers.with_fast_layers(reference)
+    kinds = [type(layer) for layer in fast.layers]
+    assert fast_layers.FastConv2D in kinds and fast_layers.FastBatchNormalization in kinds
+    assert fast_layers.FastDepthwiseConv2D in kinds and keras.layers.Conv2D not in kinds
+    for a, b in zip(reference.weights, fast.weights):
+        assert a.path == b.path
+        np.testing.assert_array_equal(numpy(a), numpy(b))
+
+
+def test_small_network_forward_moving_statistics_and_gradients_match():
+    import torch
+
+    reference = randomised(small_network())
+    fast = fast_layers.with_fast_layers(reference)
+    x = np.random.default_rng(1).random((5, 9, 10, 3), dtype=np.float32)
+    np.testing.assert_allclose(numpy(fast(x, training=False)), numpy(reference(x, training=False)),
+                               atol=ATOL)
+    grads = []
+    for model in (reference, fast):
+        inputs = torch.tensor(x, requires_grad=True)
+        out = model(inputs, training=True)
+        (out * torch.linspace(-1, 1, out.shape[-1])).sum().backward()
+        grads.append((numpy(out), inputs.grad.numpy(),
+                      [numpy(w.value.grad) for w in model.trainable_weights]))
+        for w in model.trainable_weights:
+            w.value.grad = None
+    (out_a, dx_a, dw_a), (out_b, dx_b, dw_b) = grads
+    np.testing.assert_allclose(out_b, out_a, atol=ATOL)
+    np.testing.assert_allclose(dx_b, dx_a, atol=ATOL)
+    for a, b in zip(dw_a, dw_b):
+        np.testing.assert_allclose(b, a, atol=1e-4, rtol=1e-4)
+    # The training call moved the statistics the same way (biased batch variance, momentum).
+    for a, b in zip(reference.non_trainable_weights, fast.non_trainable_weights):
+        np.testing.assert_allclose(numpy(b), numpy(a), atol=ATOL)
+
+
+@pytest.mark.slow  # about 90 s on the shared 2-core machine: two EfficientNetV2B0 builds and a JAX process
+def test_backbone_outputs_unchanged_on_torch_and_jax(tmp_path):
+    # 64 px: at 32 px the last maps are 1x1 and training-mode BatchNorm over 3 values is
+    # ill-conditioned, where Keras' E[x^2] - E[x]^2 and torch's one-pass variance part ways.
+    shape = (64, 64, 3)
+    # The unoptimised path: keras.applications' own layers, behind the same input scaling.
+    plain = keras.applications.EfficientNetV2B0(include_top=False, weights=None, input_shape=shape)
+    randomised(plain, seed=2, statistics_only=True)
+    fast = no_dropout(build_backbone("EfficientNetV2B0", shape))
+    inner = fast.layers[-1]
+    inner.set_weights(plain.get_weights())
+    no_dropout(plain)
+    path = tmp_path / "fast.keras"
+    fast.save(path)  # before any training call moves the statistics
+    x = np.random.default_rng(3).random((3, *shape), dtype=np.float32)
+    scaled = x * np.float32(255.0)  # build_backbone's Rescaling(255) in front of the network
+    want = {training: numpy(plain(scaled, training=training)) for training in (False, True)}
+    for training in (False, True):
+        assert_close_to_scale(numpy(fast(x, training=training)), want[training],
+                              1e-4 if training else 1e-5)
+
+    # JAX: the fast model, saved on torch, loads and gives the reference outputs.
+    np.save(tmp_path / "x.npy", x)
+    env = dict(os.environ, KERAS_BACKEND="jax", JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([str(Path(__file__).resolve().parents[1] / "src"),
+                                           os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", CHECK, str(path), str(tmp_path / "x.npy"),
+                           str(tmp_path / "jax")], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.startswith("jax")
+    for training in (False, True):
+        got = np.load(tmp_path / f"jax_{int(training)}.npy")
+        # Saved models keep the dropout rates: compare training mode only where they are zero.
+        if not training:
+            assert_close_to_scale(got, want[training])
+
+
+@pytest.mark.parametrize("length, kernel, stride, dilation, want", [
+    (9, 3, 2, 1, (1, 1)), (10, 3, 2, 1, (0, 1)), (10, 3, 1, 1, (1, 1)), (8, 2, 1, 2, (1, 1)),
+    (7, 1, 2, 1, (0, 0)), (11, 5, 2, 1, (2, 2))])
+def test_same_padding_pads_like_keras(length, kernel, stride, dilation, want):
+    assert fast_layers._same_padding(length, kernel, stride, dilation) == want
