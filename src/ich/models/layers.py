@@ -169,12 +169,19 @@ FAST_LAYERS = {keras.layers.Conv2D: FastConv2D, keras.layers.DepthwiseConv2D: Fa
 
 
 def with_fast_layers(model: keras.Model) -> keras.Model:
-    """A copy of functional `model` (same name, weights and topology) with each layer of a
-    FAST_LAYERS class replaced by its fast twin; every other layer is cloned as is."""
-    def clone(layer):
-        cls = FAST_LAYERS.get(type(layer), type(layer))
-        return cls.from_config(layer.get_config())
+    """`model` itself, each layer of a FAST_LAYERS class (at any depth) switched in place to its
+    fast twin. The twins are subclasses that override only how the layer computes, so weights,
+    config and graph stay as they are; switching costs nothing, where cloning the network
+    would rebuild it (seconds per backbone)."""
+    for layer in _walk(model):
+        fast = FAST_LAYERS.get(type(layer))
+        if fast is not None:
+            layer.__class__ = fast
+    return model
 
-    fast = keras.models.clone_model(model, clone_function=clone)
-    fast.set_weights(model.get_weights())
-    return fast
+
+def _walk(layer):
+    """`layer` and, recursively, every layer nested inside it."""
+    yield layer
+    for sub in getattr(layer, "layers", []):
+        yield from _walk(sub)
