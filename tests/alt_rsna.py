@@ -31,6 +31,11 @@ TILTS_DEG = (0.0, 15.0, -22.0)
 BAD_KINDS = ("truncated", "not_dicom", "mr", "no_pixels")
 
 
+PATIENT_NAME = "Doe^Jane"
+INSTITUTION = "St Elsewhere General"
+ACCESSION = "ACC7734521"
+
+
 def write_alt_rsna(root: Path, n_patients: int = 4, slices: int = 5, size: int = 64,
                    seed: int = 0) -> dict:
     """Write an RSNA-like folder under `root`; return the truth.
@@ -144,6 +149,11 @@ def _dataset(image_id: str, stored: np.ndarray, tags: dict, series: dict, orient
     ds.SOPInstanceUID = image_id
     ds.Modality = modality
     ds.PatientID = series["patient_id"]
+    # Identifiers a hospital export holds; nothing `ich` writes may carry them (issue 10).
+    ds.PatientName = PATIENT_NAME
+    ds.PatientBirthDate = "19450317"
+    ds.InstitutionName = INSTITUTION
+    ds.AccessionNumber = ACCESSION
     ds.StudyInstanceUID = series["study_id"]
     ds.SeriesInstanceUID = series["series_id"]
     ds.StudyID = ""

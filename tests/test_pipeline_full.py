@@ -26,7 +26,7 @@ def pipeline(tmp_path_factory):
         augment={"target_per_label": 20, "max_copies_per_image": 1, "workers": 1},
         model={"image_size": 32, "fusion_dim": 16, "attention_heads": 2},
         train={"batch_size": 8, "finetune_epochs": 1, "steps_per_epoch": 2},
-        predict={"workers": 2})
+        predict={"workers": 2}, evaluate={"natural_prevalence": True})
     assert main(["run", "--config", str(config)]) == 0
     return root, config, truth
 
@@ -39,6 +39,16 @@ def test_run_writes_every_artifact(pipeline):
     for name in ("stage1.keras", "stage2.keras", "sequence.keras", "cascade.json", "eval/metrics.json",
                  "eval/predictions.csv", "eval/report.md", "eval/studies.csv", "provenance.json"):
         assert (root / "run" / name).is_file(), name
+    # What leaves the machine (eval/, predict's --out) names no patient and no absolute path.
+    from alt_rsna import ACCESSION, INSTITUTION, PATIENT_NAME
+
+    patients = set(pd.read_csv(root / "work" / "splits.csv", dtype=str)["patient_id"])
+    for path in (root / "run" / "eval").iterdir():
+        if path.suffix in (".csv", ".json", ".md", ".html"):
+            text = path.read_text()
+            for secret in (PATIENT_NAME, "Doe", "19450317", INSTITUTION, ACCESSION, str(root)):
+                assert secret not in text, (path.name, secret)
+            assert not [p for p in patients if p in text], path.name
     html = (root / "run" / "eval" / "report.html").read_text()
     # The model card carries the run's provenance; the image stages sit beside the sequence stage.
     assert "ich version" in html and "labels CSV sha256" in html
@@ -82,3 +92,18 @@ def test_predict_folder_with_broken_files(pipeline, tmp_path):
     evaluated = pd.read_csv(root / "run" / "eval" / "predictions.csv").set_index("image_id")
     both = predicted.set_index("image_id").loc[evaluated.index, list(LABELS)]
     np.testing.assert_allclose(both.to_numpy(), evaluated[list(LABELS)].to_numpy(), atol=1e-4)
+
+
+def test_natural_prevalence_scores_every_axial_slice_of_the_test_patients(pipeline):
+    from ich.data.index import skip_reason
+
+    root, _, _ = pipeline
+    metrics = json.loads((root / "run" / "eval" / "metrics.json").read_text())
+    splits = pd.read_csv(root / "work" / "splits.csv", dtype=str)
+    test_patients = set(splits.loc[splits["split"] == "test", "patient_id"])
+    index = pd.read_parquet(root / "work" / "index.parquet")
+    index = index[index["patient_id"].isin(test_patients)]
+    axial = index[index.apply(skip_reason, axis=1) == ""]
+    natural = metrics["natural_prevalence"]
+    assert natural["overall"]["n_images"] + natural["n_failed"] == len(axial) > 0
+    assert "test patients, every slice" in (root / "run" / "eval" / "report.html").read_text()

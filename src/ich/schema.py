@@ -210,6 +210,7 @@ class Evaluate(Section):
     report_examples: Count
     bootstrap: Count
     calibration: Literal["none", "platt", "isotonic"]
+    natural_prevalence: bool
 
 
 class Predict(Section):

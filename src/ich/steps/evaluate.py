@@ -29,8 +29,9 @@ import numpy as np
 import pandas as pd
 
 from ich.config import resolve_workers
-from ich.constants import (AUGMENTED_CSV, CASCADE_JSON, EVAL_DIR, HISTORY_DIR, LABELS, METRICS_JSON,
-                           PREDICTIONS_CSV, REPORT_MD, SPLITS, SPLITS_CSV, STUDIES_CSV)
+from ich.constants import (AUGMENTED_CSV, CASCADE_JSON, EVAL_DIR, HISTORY_DIR, INDEX_PARQUET, LABELS,
+                           LABELS_CSV, METRICS_JSON, PREDICTIONS_CSV, REPORT_MD, SPLITS, SPLITS_CSV,
+                           STUDIES_CSV)
 from ich.data.labels import label_counts
 from ich.data.loading import load_split
 from ich.errors import StepError
@@ -59,9 +60,10 @@ def stamps(cfg: dict) -> list[Stamp]:
         models = [run_dir / stage["file"] for stage in read_cascade_json(run_dir)["stages"]]
     except (FileNotFoundError, ValueError):
         pass  # no run yet: cascade.json alone marks the evaluation stale
+    natural = [work / INDEX_PARQUET, work / LABELS_CSV] if cfg["evaluate"]["natural_prevalence"] else []
     return [Stamp("evaluate", run_dir, settings={"seed": cfg["seed"], "evaluate": cfg["evaluate"]},
                   inputs=[run_dir / CASCADE_JSON, *models, work / SPLITS_CSV,
-                          record_path(work, "preprocess")],
+                          record_path(work, "preprocess"), *natural],
                   outputs=[eval_dir / METRICS_JSON, eval_dir / REPORT_MD, eval_dir / PREDICTIONS_CSV])]
 
 
@@ -155,6 +157,12 @@ def run(cfg: dict, force: bool = False) -> Path:
                 cascade_thresholds, groups=study_patients, bootstrap=bootstrap, seed=seed)
             comparison.update({"studies, image stages (max)": metrics["image_stages"]["studies"],
                                "studies, sequence stage": metrics["studies"]})
+    html_metrics = {"test images": metrics, **({"studies": metrics["studies"]} if "studies" in metrics else {})}
+    if cfg["evaluate"]["natural_prevalence"]:
+        natural = natural_level(cfg, cascade, work_dir, test_table, thresholds, bootstrap, seed)
+        metrics["natural_prevalence"] = natural["metrics"]
+        for name, (level, metric) in natural["levels"].items():
+            levels[name], html_metrics[name] = level, metric
     ids = test_table["image_id"].astype(str)
     write_csv(pd.concat([ids, pd.DataFrame(test_prob, columns=list(LABELS))], axis=1),
               eval_dir / PREDICTIONS_CSV)
@@ -169,7 +177,6 @@ def run(cfg: dict, force: bool = False) -> Path:
                  example_images=examples, example_ids=[ids[i] for i in rows], example_rows=rows,
                  data_counts=data_counts(work_dir), threshold_method=method,
                  settings=settings(cfg, cascade.meta, run_dir))
-    html_metrics = {"test images": metrics, **({"studies": metrics["studies"]} if "studies" in metrics else {})}
     write_html_report(eval_dir / REPORT_HTML, cascade, run_dir, html_metrics, levels, bootstrap, seed,
                       title="Intracranial hemorrhage detection: evaluation report",
                       test_set=test_set_text(test_table, len(studies)), comparison=comparison,
@@ -180,7 +187,10 @@ def run(cfg: dict, force: bool = False) -> Path:
                              "Subtype probabilities are p(any) x p(subtype | any).",
                              "The test split is drawn from the seed's balanced sample, so its "
                              "prevalence is far above that of real scans (see the prevalence table): "
-                             "precision, F1 and calibration here do not carry over to natural prevalence."])
+                             "precision, F1 and calibration here do not carry over to natural prevalence"
+                             + ("; the natural-prevalence levels score every axial slice of the test "
+                                "patients instead." if cfg["evaluate"]["natural_prevalence"] else
+                                " (evaluate.natural_prevalence adds levels that do).")])
     # metrics.json last: it marks the evaluation complete.
     write_json(metrics, metrics_path)
     record(stamp)
@@ -192,6 +202,39 @@ def run(cfg: dict, force: bool = False) -> Path:
             f"RSNA log loss {overall['rsna_weighted_log_loss']:.4f}, report {eval_dir / REPORT_MD}",
             len(test_table), "images", timer)
     return metrics_path
+
+
+def natural_level(cfg: dict, cascade, work_dir: Path, test_table: pd.DataFrame, thresholds: dict,
+                  bootstrap: int, seed: int) -> dict:
+    """Metrics and report levels of every axial slice of the test patients (ich.steps.evaluate_natural):
+    {"metrics": {evaluate_all's shape, "studies", "n_failed"}, "levels": {name: (level, metrics)}}."""
+    from ich.steps.evaluate_natural import natural_slices, score_natural
+
+    patients = set(test_table["patient_id"].astype(str))
+    rows = natural_slices(work_dir, patients)
+    log.info("evaluate: natural prevalence: %d slices of %d test patients", len(rows), len(patients))
+    table, studies, failed = score_natural(cascade, rows, Path(cfg["paths"]["dicom_dir"]),
+                                           int(cfg["predict"]["batch_size"]),
+                                           resolve_workers(cfg["predict"]["workers"]))
+    if table.empty:
+        raise StepError(f"evaluate.natural_prevalence: none of the {len(rows)} indexed slices of the "
+                        f"test patients could be read from {cfg['paths']['dicom_dir']}")
+    truth = table[list(LABELS)].to_numpy()
+    probs = table[[f"{label}_prob" for label in LABELS]].to_numpy()
+    groups = table["patient_id"].astype(str).to_numpy()
+    out = evaluate_all(truth, probs, thresholds, groups=groups, bootstrap=bootstrap, seed=seed)
+    out["n_failed"] = failed
+    levels = {"test patients, every slice": ((truth.astype(float), probs, groups, list(LABELS)), out)}
+    if len(studies):
+        patient = table.drop_duplicates("study_id").set_index("study_id")["patient_id"].astype(str)
+        s_truth = studies[[f"{label}{TRUE_SUFFIX}" for label in LABELS]].to_numpy()
+        s_probs = studies[list(LABELS)].to_numpy()
+        s_groups = studies["study_id"].map(patient).to_numpy()
+        out["studies"] = evaluate_all(s_truth, s_probs, thresholds, groups=s_groups,
+                                      bootstrap=bootstrap, seed=seed)
+        levels["test patients, every study"] = ((s_truth.astype(float), s_probs, s_groups, list(LABELS)),
+                                                out["studies"])
+    return {"metrics": out, "levels": levels}
 
 
 def patient_ids(work_dir: Path, table: pd.DataFrame) -> np.ndarray:
