@@ -135,6 +135,7 @@ def test_ich_explain_writes_overlays_above_threshold(phantoms, tmp_path):
         explain_paths(dicoms[:1], run, run / "explain", cfg)
 
 
+@pytest.mark.slow  # a JAX process compiling Grad-CAM: ~40 s; JAX inference is in test_backends
 @pytest.mark.skipif(sys.platform == "win32", reason="console script path differs on Windows")
 def test_ich_explain_on_jax_matches_torch(phantoms, tmp_path):
     pytest.importorskip("jax")
