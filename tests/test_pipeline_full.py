@@ -87,7 +87,10 @@ def test_predict_folder_with_broken_files(pipeline, tmp_path):
     failures = pd.read_csv(out / "failures.csv")
     assert set(predicted.image_id) == set(truth["hu"])
     broken = {p.split("/")[-1][:-4] for p in failures.path}
-    assert broken == set(truth["bad"])
+    skipped = {p.split("/")[-1][:-4] for p in pd.read_csv(out / "skipped.csv").path}
+    # The MR slice is known from its header not to be CT: skipped, not a failure.
+    assert skipped == {i for i, kind in truth["bad"].items() if kind == "mr"}
+    assert broken == set(truth["bad"]) - skipped
     submission = pd.read_csv(out / "submission.csv")
     assert len(submission) == 6 * len(predicted)
     # Same preprocessing and model as evaluate: identical probabilities for the test images.
