@@ -3,7 +3,8 @@ and at full RSNA size (752,803 images), on simulated files: no pixels.
 
     python bench/scale.py                      # 100,000 and 752,803 images
     python bench/scale.py --sizes 20000 100000 # quicker
-    python bench/scale.py --keep /tmp/scale    # keep the simulated work folders
+    python bench/scale.py --keep /tmp/scale    # keep the simulated work folders (a rerun
+                                               # reuses their file entries, rewrites the rest)
 
 For each size N it writes, in a temporary folder: the RSNA long labels CSV (6 N rows, RSNA's
 ID format, subtype order and rough prevalences), work/dicom/ and work/png/ with one empty file
@@ -30,6 +31,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -80,12 +82,21 @@ def simulate(root: Path, n: int, files: bool = True) -> list[str]:
     if not files:
         return cfg
     for folder, suffix in ((DICOM_DIR, ".dcm"), (PNG_DIR, ".png")):
+        if (work / folder / f"{ids[-1]}{suffix}").exists():
+            continue  # kept from an earlier --keep run: the entries are the same
         (work / folder).mkdir(parents=True)
         for i, image_id in enumerate(ids):
             if i % LINKS_PER_FILE == 0:
                 blank = root / f"blank-{folder}-{i}"
                 blank.touch()
             os.link(blank, work / folder / f"{image_id}{suffix}")
+    # Everything but the folder entries is written afresh (a kept folder's tables and journals
+    # were consolidated by the last run).
+    for name in (".done", preprocess.JOURNAL_DIR, ".index"):
+        shutil.rmtree(work / name, ignore_errors=True)
+    for name in ("index.parquet", "index_failures.csv", "images.csv", "failures.csv", "labels.csv",
+                 "sampled.csv", "splits.csv"):
+        (work / name).unlink(missing_ok=True)
     parts = work / preprocess.JOURNAL_DIR / "parts"
     parts.mkdir(parents=True)
     series = rng.permutation(n) // IMAGES_PER_SERIES

@@ -284,3 +284,97 @@ def test_fast_header_walker_agrees_with_pydicom_on_implicit_vr(tmp_path, monkeyp
     assert fast == _slow_rows(monkeypatch, [path], None)[0]
     assert fast["position"] == pytest.approx(float(_tilted_positions(1)[0] @ NORMAL))
     assert fast["rows"] == 8
+
+
+def _pandas_consolidation(work, journal_dir, seen, out, failures_csv):
+    """The consolidation as it was before issue 11 (pandas over every journal row): the
+    reference the columnar one must match."""
+    from ich import journal
+
+    frames = []
+    if out.is_file():
+        frames.append(pd.read_parquet(out).assign(reason=""))
+    old_failures = list(journal.read_rows(failures_csv, index_step._JOURNAL_COLUMNS))
+    if old_failures:
+        frames.append(pd.DataFrame(old_failures))
+    for part in journal.parts(journal_dir):
+        frames.append(pd.read_csv(part, dtype=str, keep_default_na=False))
+    table = pd.concat(frames, ignore_index=True)
+    table = table[table["file"].isin(seen)].drop_duplicates("file", keep="last")
+    table["reason"] = table["reason"].fillna("").astype(str)
+    good = table[table["reason"] == ""].copy()
+    bad = table[table["reason"] != ""].copy()
+    good = good.sort_values(["image_id", "file"], kind="stable")
+    dup = good["image_id"].duplicated(keep="first")
+    if dup.any():
+        first = good.drop_duplicates("image_id").set_index("image_id")["file"]
+        extra = good[dup].copy()
+        extra["reason"] = [f"duplicate image id (also {first[i]})" for i in extra["image_id"]]
+        bad = pd.concat([bad, extra], ignore_index=True)
+        good = good[~dup]
+    good = good[list(index_step.INDEX_COLUMNS)].copy()
+    for column in index_step.INDEX_COLUMNS:
+        if column in index_step._FLOAT_COLUMNS:
+            good[column] = pd.to_numeric(good[column], errors="coerce").astype("float64")
+        elif column in index_step._INT_COLUMNS:
+            good[column] = pd.to_numeric(good[column], errors="coerce").fillna(0).astype("int32")
+        else:
+            good[column] = good[column].fillna("").astype(str)
+    good = rank_series(good).sort_values("image_id", ignore_index=True)
+    good.to_parquet(out, index=False)
+    journal.write_rows(failures_csv, index_step.FAILURE_COLUMNS, bad.sort_values("file").to_dict("records"))
+    journal.reset(journal_dir)
+    return len(good), len(bad), int(good.loc[good["series_id"] != "", "series_id"].nunique())
+
+
+def _random_journal(work, rng, n_files=400, rounds=3):
+    """Journal parts (and, with `rounds` > 1, an earlier consolidation) with what the index
+    meets: files read twice, failures later read fine and the reverse, one image id in two
+    subfolders, positions missing or tied, files without a series, odd patient ids."""
+    from ich import journal
+
+    journal_dir = work / index_step.JOURNAL_DIR
+    files = [f"{'sub/' if k % 37 == 0 else ''}ID_{k % 350:04x}.dcm" for k in range(n_files)]
+    for round_ in range(rounds):
+        rows = []
+        for file in rng.choice(files, size=n_files // 2, replace=True):
+            if rng.random() < 0.1:
+                rows.append(index_step._failure(file, f"bad header {rng.integers(9)}"))
+                continue
+            series = "" if rng.random() < 0.05 else f"ID_s{rng.integers(12)}"
+            position = "" if rng.random() < 0.05 else ("nan" if rng.random() < 0.05 else
+                                                       repr(float(rng.integers(6)) * 2.5 + rng.random() * (rng.random() < 0.5)))
+            rows.append({"image_id": file.split("/")[-1][:-4], "file": file, "sop_uid": f"1.2.{rng.integers(99)}",
+                         "patient_id": rng.choice(["ID_p1", "NA", "", "ID_p,2", "=ID"]), "study_id": f"ID_t{rng.integers(5)}",
+                         "series_id": series, "modality": "CT", "image_type": "ORIGINAL\\PRIMARY\\AXIAL",
+                         "orientation": "1\\0\\0\\0\\1\\0", "normal_x": "0.0", "normal_y": repr(rng.random()),
+                         "normal_z": "1.0", "position": position, "rows": "512", "columns": str(rng.integers(500, 520)),
+                         "pixel_spacing": repr(0.488 + rng.random() / 1000), "rank": "-1", "series_size": "0", "reason": ""})
+        for seq, start in enumerate(range(0, len(rows), 64)):
+            journal.write_part(journal_dir, f"{round_:020d}-{seq:07d}", index_step._JOURNAL_COLUMNS,
+                               rows[start:start + 64], "file")
+        if round_ < rounds - 1:
+            seen = np.unique(np.array([f.encode() for f in files]))
+            index_step._consolidate(work, journal_dir, seen, work / "index.parquet", work / "index_failures.csv")
+    return files
+
+
+def test_columnar_consolidation_gives_the_pandas_consolidations_rows(tmp_path):
+    """Old and new outputs on a small, awkward set: identical index.parquet and failures."""
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        work_a = tmp_path / f"a{seed}"
+        files = _random_journal(work_a, rng)
+        work_b = tmp_path / f"b{seed}"
+        shutil.copytree(work_a, work_b)
+        still = [f for f in files if not f.endswith("7.dcm")]   # some files gone since
+        seen = np.unique(np.array([f.encode() for f in still]))
+        new = index_step._consolidate(work_a, work_a / ".index", seen, work_a / "index.parquet",
+                                      work_a / "index_failures.csv")
+        old = _pandas_consolidation(work_b, work_b / ".index", set(still), work_b / "index.parquet",
+                                    work_b / "index_failures.csv")
+        assert new == old
+        pd.testing.assert_frame_equal(pd.read_parquet(work_a / "index.parquet"),
+                                      pd.read_parquet(work_b / "index.parquet"))
+        assert (work_a / "index_failures.csv").read_bytes() == (work_b / "index_failures.csv").read_bytes()
+        assert "duplicate image id" in (work_a / "index_failures.csv").read_text()

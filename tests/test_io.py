@@ -28,3 +28,17 @@ def test_an_atomic_write_gets_the_umasks_mode(tmp_path, umask, mode):
     subprocess.run([sys.executable, "-c", WRITE, umask, str(tmp_path)], check=True, env=env)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in tmp_path.iterdir()}
     assert modes == {"a.txt": mode, "b.json": mode, "plain.txt": mode}
+
+
+def test_write_csv_in_blocks_writes_the_bytes_of_one_to_csv(tmp_path, monkeypatch):
+    import pandas as pd
+
+    from ich import io
+
+    frame = pd.DataFrame({"a": ["=x", "b,c", 'd"e', None, "-1.5"] * 3, "b": [0.1 * k for k in range(15)]})
+    io.write_csv(frame, tmp_path / "whole.csv")
+    monkeypatch.setattr(io, "CSV_BLOCK_ROWS", 4)
+    io.write_csv(frame, tmp_path / "blocks.csv")
+    assert (tmp_path / "whole.csv").read_bytes() == (tmp_path / "blocks.csv").read_bytes()
+    io.write_csv(frame.iloc[:0], tmp_path / "empty.csv")
+    assert (tmp_path / "empty.csv").read_text() == "a,b\n"

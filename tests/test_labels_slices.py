@@ -47,3 +47,24 @@ def test_conflict_across_slices_and_row_numbers(monkeypatch):
         labels.long_to_wide(long_table(bad))
     with pytest.raises(labels.LabelError, match="1 image.* lack some .*ID_00d"):
         labels.long_to_wide(long_table(ROWS + [("ID_00d_any", 0)]))
+
+
+@pytest.mark.parametrize("block_bytes", [64, 1 << 24])
+def test_read_wide_streams_the_csv_into_the_same_table(tmp_path, monkeypatch, block_bytes):
+    """The streamed reader (record batches of block_bytes) gives long_to_wide's table of the
+    whole file, its row count and its duplicated rows; a bad row is named by its row in the
+    whole file; a header alone gives an empty table."""
+    import pandas as pd
+
+    csv = tmp_path / "train.csv"
+    csv.write_text("ID,Label\n" + "".join(f"{i},{v}\n" for i, v in ROWS * 30))
+    monkeypatch.setattr(labels, "_BLOCK_BYTES", block_bytes)
+    wide, rows, duplicates = labels.read_wide(csv)
+    pd.testing.assert_frame_equal(wide, labels.long_to_wide(labels.read_long_csv(csv)))
+    assert (rows, duplicates) == (len(ROWS) * 30, len(ROWS) * 30 - 18)
+    csv.write_text("ID,Label\n" + "".join(f"{i},{v}\n" for i, v in ROWS * 30) + "ID_x_dural,1\n")
+    with pytest.raises(labels.LabelError, match=f"data row {len(ROWS) * 30 + 1} "):
+        labels.read_wide(csv)
+    csv.write_text("ID,Label\n")
+    wide, rows, duplicates = labels.read_wide(csv)
+    assert (len(wide), rows, duplicates) == (0, 0, 0) and list(wide.columns) == ["image_id", *LABELS]

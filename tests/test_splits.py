@@ -95,3 +95,63 @@ def test_twelve_patients_six_positive_every_split_gets_a_positive(seed):
     # The one epidural patient can be in one split only: the other two are reported.
     assert sorted(j for j, _ in unplaced) == [1, 1]
     assert {name for _, name in unplaced} | {split[0]} == {"train", "val", "test"}
+
+
+def _grouped_patient_matrix(patients, labels):
+    """The per-patient matrix as it was computed before issue 11 (pandas groupby on the ids)."""
+    frame = pd.DataFrame(np.asarray(labels), index=np.asarray(patients))
+    grouped = frame.groupby(level=0, sort=True).max()
+    return grouped.index.to_numpy(), grouped.to_numpy()
+
+
+def test_patient_codes_give_the_groupby_matrix_in_the_same_patient_order():
+    rng = np.random.default_rng(3)
+    names = np.array(["ID_b", "ID_a", "ID_Z", "ID_é", "ID_10", "ID_9", "=p", "ID_a "])
+    patients = pd.Series(rng.choice(names, size=500), dtype="str")
+    labels = rng.integers(0, 2, size=(500, 6)).astype(np.int64)
+    ids, matrix = patient_label_matrix(patients, labels)
+    ref_ids, ref_matrix = _grouped_patient_matrix(patients, labels)
+    assert ids.tolist() == ref_ids.tolist()
+    np.testing.assert_array_equal(matrix, ref_matrix)
+
+
+def test_split_step_writes_what_the_pandas_merge_wrote(tmp_path):
+    """Old and new split step on a small, awkward set (unlabelled images, context rows, images
+    out of order, a missing study id, formula-like ids): the same splits.csv, byte for byte."""
+    from ich import config as config_mod
+    from ich.constants import LABELS
+    from ich.io import write_csv
+    from ich.steps import split as split_step
+
+    rng = np.random.default_rng(7)
+    work = tmp_path / "work"
+    work.mkdir()
+    n = 300
+    ids = [f"ID_{k:05x}" for k in rng.permutation(n)]
+    images = pd.DataFrame({"image_id": ids, "patient_id": [f"ID_p{k % 40}" for k in range(n)],
+                           "study_id": [f"ID_s{k % 55}" if k % 50 else "" for k in range(n)],
+                           "position": rng.random(n)})
+    images.loc[3, "patient_id"] = "-p3"
+    images.to_csv(work / "images.csv", index=False)
+    sampled = pd.DataFrame({"image_id": ids[:-20]})   # 20 images without labels
+    for label in LABELS:
+        sampled[label] = rng.integers(0, 2, len(sampled)).astype(np.int8)
+    sampled["target"] = (rng.random(len(sampled)) < 0.8).astype(np.int8)
+    sampled.loc[3, "target"] = 1   # the patient "-p3" has a target
+    write_csv(sampled.sort_values("image_id"), work / "sampled.csv")
+    cfg = config_mod.load(None, [f"paths.work_dir={work}"])
+    split_step.run(cfg, force=True)
+
+    # The step as it was: pandas reads, merge, dict map.
+    images = pd.read_csv(work / "images.csv", usecols=["image_id", "patient_id", "study_id"], dtype=str)
+    labels = pd.read_csv(work / "sampled.csv", dtype={"image_id": str})
+    frame = images.merge(labels, on="image_id", how="inner", validate="one_to_one")
+    targets = frame[frame["target"] == 1]
+    assigned = assign_splits(targets["patient_id"], targets[list(LABELS)].to_numpy(),
+                             tuple(cfg["split"]["fractions"]), cfg["seed"])
+    frame["split"] = frame["patient_id"].map(dict(zip(targets["patient_id"], assigned)))
+    frame = frame[frame["split"].notna()]
+    frame = frame[["image_id", "split", "patient_id", "study_id", *LABELS, "target"]].sort_values("image_id")
+    write_csv(frame, tmp_path / "reference.csv")
+    assert (work / "splits.csv").read_bytes() == (tmp_path / "reference.csv").read_bytes()
+    assert ",-p3," in (work / "splits.csv").read_text()

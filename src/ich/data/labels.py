@@ -23,6 +23,8 @@ from ich.constants import LABELS, RSNA_ORDER, SUBTYPES
 _ID_PATTERN = r"^(?P<image_id>ID_[0-9a-fA-F]+)_(?P<subtype>[a-z]+)$"
 # Rows parsed at a time by long_to_wide: the parsed strings of one slice are all it holds at once.
 _SLICE_ROWS = 500_000
+# Bytes of CSV per record batch when read_wide streams the file (about 600,000 RSNA rows).
+_BLOCK_BYTES = 16 * 2 ** 20
 
 
 class LabelError(ValueError):
@@ -54,19 +56,61 @@ def long_to_wide(table: pa.Table, source: str = "labels CSV") -> pd.DataFrame:
     those compact columns of the whole file are ever held (about 80 MB at RSNA's 4.5M rows,
     where the parsed Arrow strings of the whole file took 600 MB more).
     """
-    image_ids, keys, label_sorted = _sorted_cells(table, source)
+    return _wide(_table_slices(table), source)[0]
+
+
+def read_wide(path: str | Path) -> tuple[pd.DataFrame, int, int]:
+    """`long_to_wide` of the RSNA CSV at `path`, read as a stream of record batches (the CSV's
+    Arrow table, 160 MB at RSNA's size, is never held whole). Returns (wide table, data rows,
+    duplicated rows: those beyond the first of each repeated ID)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"labels CSV {path} not found; set paths.labels_csv to stage_2_train.csv")
+    counts = {"rows": 0}
+
+    def batches():
+        try:
+            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_BLOCK_BYTES),
+                                    convert_options=pacsv.ConvertOptions(
+                                        column_types={"ID": pa.string(), "Label": pa.int8()},
+                                        include_columns=["ID", "Label"]))
+            for batch in reader:
+                counts["rows"] += batch.num_rows
+                yield batch.column("ID"), batch.column("Label")
+            if not counts["rows"]:  # a header only: one empty slice, as long_to_wide gets
+                yield pa.array([], pa.string()), pa.array([], pa.int8())
+        except (pa.ArrowInvalid, KeyError) as err:
+            raise LabelError(f"{path}: expected an RSNA CSV with columns ID,Label ({err})") from err
+
+    wide, duplicates = _wide(batches(), str(path))
+    return wide, counts["rows"], duplicates
+
+
+def _table_slices(table: pa.Table):
+    for start in range(0, max(table.num_rows, 1), _SLICE_ROWS):
+        part = table.slice(start, _SLICE_ROWS)
+        yield part.column("ID"), part.column("Label")
+
+
+def _wide(slices, source: str) -> tuple[pd.DataFrame, int]:
+    """The wide table of the long rows in `slices` ((ID, Label) arrays) and the number of
+    duplicated rows."""
+    image_ids, keys, label_sorted = _sorted_cells(slices, source)
     n_sub = len(RSNA_ORDER)
     same = keys[1:] == keys[:-1]
+    duplicates = int(np.count_nonzero(same))
     conflict = same & (label_sorted[1:] != label_sorted[:-1])
     if conflict.any():
         bad_ids = sorted({image_ids[k // n_sub].decode() for k in keys[1:][conflict]})
         raise LabelError(f"{source}: conflicting duplicate labels for {len(bad_ids)} image(s): "
                          f"{', '.join(bad_ids[:10])}; fix or remove those rows")
-    keep = np.concatenate([[True], ~same])
+    keep = np.concatenate([[True], ~same])[:len(keys)]   # [:0] for a header-only file
     keys, label_sorted = keys[keep], label_sorted[keep]
+    del same, keep, conflict
 
     wide = np.full((len(image_ids), n_sub), -1, dtype=np.int8)
     wide[keys // n_sub, keys % n_sub] = label_sorted
+    del keys, label_sorted
     incomplete = (wide < 0).any(axis=1)
     if incomplete.any():
         bad_ids = [i.decode() for i in image_ids[incomplete]]
@@ -74,17 +118,20 @@ def long_to_wide(table: pa.Table, source: str = "labels CSV") -> pd.DataFrame:
                          f"{', '.join(bad_ids[:10])}")
     columns = [RSNA_ORDER.index(label) for label in LABELS]
     frame = pd.DataFrame(wide[:, columns], columns=list(LABELS))
-    frame.insert(0, "image_id", image_ids.astype(str))  # already sorted by np.unique
-    return frame
+    # Already sorted by np.unique. Through Arrow: bytes to strings without a Python object each.
+    frame.insert(0, "image_id", pa.array(image_ids, type=pa.binary()).cast(pa.large_string()).to_pandas())
+    return frame, duplicates
 
 
-def _sorted_cells(table: pa.Table, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The long table as sorted unique image ids (fixed-width bytes) and one key per row,
-    image index * 6 + subtype code, sorted (stable), with the rows' labels in the same order."""
+def _sorted_cells(slices, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The long rows of `slices` ((ID, Label) arrays, in file order) as sorted unique image ids
+    (fixed-width bytes) and one key per row, image index * 6 + subtype code, sorted (stable),
+    with the rows' labels in the same order."""
     uniques, inverses, codes, label_parts = [], [], [], []
-    for start in range(0, max(table.num_rows, 1), _SLICE_ROWS):
-        part = table.slice(start, _SLICE_ROWS)
-        image_id, subtype, label = _parse_slice(part.column("ID"), part.column("Label"), start, source)
+    start = 0
+    for ids, labels in slices:
+        image_id, subtype, label = _parse_slice(ids, labels, start, source)
+        start += len(ids)
         # Fixed-width bytes: np.unique sorts them like the strings (IDs are ASCII), no objects.
         unique, inverse = np.unique(image_id, return_inverse=True)
         uniques.append(unique)
@@ -143,7 +190,7 @@ def duplicate_row_count(table: pa.Table) -> int:
     Counted on the compact cell keys (one ID is one (image, subtype) cell), not by hashing the
     ID strings: Arrow's distinct count of RSNA's 4.5M IDs alone took 640 MB.
     """
-    _, keys, _ = _sorted_cells(table, "labels CSV")
+    _, keys, _ = _sorted_cells(_table_slices(table), "labels CSV")
     return int(np.count_nonzero(keys[1:] == keys[:-1]))
 
 

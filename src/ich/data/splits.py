@@ -20,11 +20,23 @@ from ich.constants import SPLITS
 def patient_label_matrix(patients: pd.Series, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Collapse image labels to one row per patient (max over the patient's images).
 
-    Returns (unique patient ids, matrix of shape (n_patients, n_labels)).
+    Returns (unique patient ids, sorted; matrix of shape (n_patients, n_labels)).
     """
-    frame = pd.DataFrame(np.asarray(labels), index=np.asarray(patients))
-    grouped = frame.groupby(level=0, sort=True).max()
-    return grouped.index.to_numpy(), grouped.to_numpy()
+    _, patient_ids, matrix = _patient_codes(patients, labels)
+    return patient_ids, matrix
+
+
+def _patient_codes(patients, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(code of each image's patient, sorted unique patient ids, per-patient max of `labels`).
+
+    On integer codes (issue 11: flat memory): no table indexed by patient id strings."""
+    codes, patient_ids = pd.factorize(pd.Series(patients), sort=True)
+    labels = np.asarray(labels)
+    matrix = np.zeros((len(patient_ids), labels.shape[1]), dtype=labels.dtype)
+    if len(labels):
+        matrix[:] = labels.min(axis=0)  # the max over no images is never read: every patient has one
+        np.maximum.at(matrix, codes, labels)
+    return codes, np.asarray(patient_ids, dtype=object), matrix
 
 
 def assign_splits(patients: pd.Series, labels: np.ndarray, fractions: tuple[float, float, float],
@@ -37,7 +49,7 @@ def assign_splits(patients: pd.Series, labels: np.ndarray, fractions: tuple[floa
     enough positive patients, by swapping patients between splits (sizes stay); the
     (label column, split) pairs that could not be covered are appended to `unplaced`.
     """
-    patient_ids, matrix = patient_label_matrix(patients, labels)
+    codes, patient_ids, matrix = _patient_codes(patients, labels)
     needed = sum(f > 0 for f in fractions)
     if len(patient_ids) < needed:
         raise ValueError(f"{len(patient_ids)} patient(s) cannot fill {needed} non-empty splits; "
@@ -66,8 +78,7 @@ def assign_splits(patients: pd.Series, labels: np.ndarray, fractions: tuple[floa
     missed = cover_positives(assignment, matrix, rng)
     if unplaced is not None:
         unplaced.extend(missed)
-    by_patient = dict(zip(patient_ids, assignment))
-    return np.array([by_patient[p] for p in np.asarray(patients)], dtype=object)
+    return assignment[codes]
 
 
 def cover_positives(assignment: np.ndarray, matrix: np.ndarray,
@@ -136,9 +147,12 @@ def _exact_size(keep: np.ndarray, take: np.ndarray, n_take: int,
 def split_summary(frame: pd.DataFrame, label_columns: list[str]) -> pd.DataFrame:
     """Per split: images, patients and positives per label (rows in SPLITS order)."""
     rows = []
+    split = frame["split"].to_numpy()
     for name in SPLITS:
-        part = frame[frame["split"] == name]
-        row = {"split": name, "images": len(part), "patients": part["patient_id"].nunique()}
-        row.update({label: int(part[label].sum()) for label in label_columns})
+        # Masks over the columns, never a copy of the table's rows (issue 11: flat memory).
+        member = split == name
+        row = {"split": name, "images": int(member.sum()),
+               "patients": frame["patient_id"][member].nunique()}
+        row.update({label: int(frame[label].to_numpy()[member].sum()) for label in label_columns})
         rows.append(row)
     return pd.DataFrame(rows)

@@ -116,8 +116,13 @@ def run(cfg: dict, force: bool = False) -> Path:
             log.info("preprocess: redoing every image (%s)", changed)
         _reset(work, journal_dir, stamp, pixels)
     png_dir.mkdir(parents=True, exist_ok=True)
-    for leftover in png_dir.glob(".*.tmp.png"):  # temporary PNGs of a killed run
-        leftover.unlink(missing_ok=True)
+    # Temporary PNGs of a killed run, found by a streamed listing (Path.glob lists the whole
+    # folder into memory first: 150 MB of entries at RSNA's size).
+    with os.scandir(png_dir) as entries:
+        leftovers = [entry.path for entry in entries
+                     if entry.name.startswith(".") and entry.name.endswith(".tmp.png")]
+    for leftover in leftovers:
+        Path(leftover).unlink(missing_ok=True)
 
     done = np.zeros(len(ids), dtype=bool)
     for position, row in _usable_rows(work, journal_dir, ids):

@@ -54,12 +54,9 @@ def run(cfg: dict, force: bool = False) -> Path:
 
     timer = Timer()
     try:
-        long_table = labels.read_long_csv(source)
-        wide = labels.long_to_wide(long_table, source=str(source))
+        wide, rows, duplicates = labels.read_wide(source)
     except labels.LabelError as err:
         raise StepError(str(err)) from err
-    rows = long_table.num_rows
-    duplicates = labels.duplicate_row_count(long_table)
     if duplicates:
         log.info("sample: dropped %d duplicated rows of %s", duplicates, source)
     mismatched = labels.any_mismatches(wide)
