@@ -35,7 +35,7 @@ def test_config_path_wins_over_packaged_name(tmp_path, monkeypatch):
     Path("demo.yaml").write_text("seed: 5\n")
     assert config.load("demo")["seed"] != 5       # a bare name without suffix: packaged
     assert config.load("demo.yaml")["seed"] == 5  # an existing file: the file
-    with pytest.raises(config.ConfigError, match=r"nope.yaml not found.*packaged configs: demo, rsna"):
+    with pytest.raises(config.ConfigError, match=r"nope.yaml not found.*packaged configs: demo, quality, rsna"):
         config.load("nope.yaml")
 
 

@@ -89,9 +89,12 @@ def safe_cell(value):
 def escape_formulas(df):
     """A copy of DataFrame `df` whose text cells (object and string columns) pass `safe_cell`;
     column names too. Numeric columns are untouched."""
+    from pandas.api.types import is_string_dtype
+
     out = df.copy()
     for column in out.columns:
-        if out[column].dtype == object or str(out[column].dtype).startswith("string"):
+        # object columns, pandas' "string" dtypes and pandas 3's default `str` dtype
+        if out[column].dtype == object or is_string_dtype(out[column].dtype):
             out[column] = out[column].map(safe_cell)
     out.columns = [safe_cell(c) for c in out.columns]
     return out
