@@ -30,6 +30,7 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, Sequence
 
@@ -165,7 +166,7 @@ def map_files(fn: Callable, chunks: Sequence[list[str]], scheduler: str, args: t
 
     `fn` returns one item per file of its chunk (a list); `failure(path, reason)` makes the item
     of a file that could not be done: a chunk whose task kills workers or raises is rerun one
-    file per task, and a file that fails alone gets `failure(path, reason)` (without `failure`,
+    file per task, one task at a time, and a file that fails alone gets `failure(path, reason)` (without `failure`,
     StepError). A file whose task raises a failure of the machine (ich.compute.is_machine_error:
     disk full, I/O error, out of memory) is no failure of the file: TaskError(path, error) stops
     the map, as in the local pool. `init` runs once in every worker process (e.g. cv2.setNumThreads(1)); `inputs`
@@ -185,7 +186,19 @@ def map_files(fn: Callable, chunks: Sequence[list[str]], scheduler: str, args: t
         futures = {client.submit(fn, list(chunk), *args, pure=False): list(chunk) for chunk in chunks}
         singles: dict = {}          # future of one file of a failed chunk -> (its chunk, index)
         pending: dict = {}          # failed chunk id -> [results by file], None until known
+        waiting: deque = deque()    # (chunk, index) of files still to redo alone
         queue = as_completed(list(futures))
+
+        def submit_next() -> None:
+            # One file at a time: a file that kills its worker must not take innocent tasks
+            # queued on that worker with it (Dask counts them suspicious, and after three such
+            # deaths gives up on them too).
+            if waiting and not singles:
+                chunk, index = waiting.popleft()
+                single = client.submit(fn, [chunk[index]], *args, pure=False)
+                singles[single] = (chunk, index)
+                queue.add(single)
+
         for future in queue:
             if future in futures:
                 chunk = futures.pop(future)
@@ -193,13 +206,11 @@ def map_files(fn: Callable, chunks: Sequence[list[str]], scheduler: str, args: t
                     yield chunk, future.result()
                     continue
                 why = _reason(future)
-                log.warning("dask: a chunk of %d files failed (%s); redoing it one file per task",
+                log.warning("dask: a chunk of %d files failed (%s); redoing it one file at a time",
                             len(chunk), why)
                 pending[id(chunk)] = [None] * len(chunk)
-                for index, path in enumerate(chunk):
-                    single = client.submit(fn, [path], *args, pure=False)
-                    singles[single] = (chunk, index)
-                    queue.add(single)
+                waiting.extend((chunk, index) for index in range(len(chunk)))
+                submit_next()
                 continue
             chunk, index = singles.pop(future)
             results = pending[id(chunk)]
@@ -215,6 +226,7 @@ def map_files(fn: Callable, chunks: Sequence[list[str]], scheduler: str, args: t
                     raise StepError(f"dask: {chunk[index]} failed: {why}")
                 log.warning("dask: %s failed on its own: %s", chunk[index], why)
                 results[index] = failure(chunk[index], why)
+            submit_next()
             if all(r is not None for r in results):
                 del pending[id(chunk)]
                 yield chunk, results
