@@ -18,7 +18,7 @@ DEMO_CONFIG := demo
 
 $(BIN)/ich: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[torch,jax,onnx,test,mlflow]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[torch,jax,onnx,test,mlflow,dask]'
 	touch $(BIN)/ich
 
 install: $(BIN)/ich
@@ -33,7 +33,7 @@ test: $(BIN)/ich
 
 # Everything, the slow tests and the TensorFlow backend included.
 test-all: $(BIN)/ich
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[torch,jax,tensorflow,onnx,test,mlflow]'
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[torch,jax,tensorflow,onnx,test,mlflow,dask]'
 	$(BIN)/python -m pytest -q
 
 bench: $(BIN)/ich

@@ -19,6 +19,7 @@ from test_train import history, make_work, tiny_cfg
 SIZE = 32
 
 
+@pytest.mark.slow  # JAX compiles the real backbone for ~2 minutes on 2 cores; the fast suite's JAX checks are in test_backends
 @pytest.mark.skipif(sys.platform == "win32", reason="console script path differs on Windows")
 def test_stage1_trains_on_jax_and_loads_on_torch(tmp_path):
     pytest.importorskip("jax")
