@@ -62,7 +62,10 @@ def export_description(meta: dict, fmt: str, file: str, input_shape: tuple, vers
     out = {key: value for key, value in meta.items() if key != "export"}
     # The graph holds the image stages; a sequence stage runs over whole series and stays in
     # the run (an export's studies are the maximum over their slices).
-    out["stages"] = [s for s in meta["stages"] if (s.get("kind") or "image") == "image"]
+    from ich.constants import IMAGE
+    from ich.evaluation.cascade_file import stage_kind
+
+    out["stages"] = [s for s in meta["stages"] if stage_kind(s) == IMAGE]
     if "cascade_thresholds" in meta:      # chosen on val for the image stages' own output
         out["thresholds"] = dict(meta["cascade_thresholds"])
     out["export"] = {
@@ -75,6 +78,6 @@ def export_description(meta: dict, fmt: str, file: str, input_shape: tuple, vers
         "opset": OPSET if fmt == "onnx" else None,
         "versions": versions,
         "max_abs_diff_vs_keras": max_abs_diff,
-        "not_exported": [s["name"] for s in meta["stages"] if (s.get("kind") or "image") != "image"],
+        "not_exported": [s["name"] for s in meta["stages"] if stage_kind(s) != IMAGE],
     }
     return out
