@@ -37,18 +37,19 @@ ACCESSION = "ACC7734521"
 
 
 def write_alt_rsna(root: Path, n_patients: int = 4, slices: int = 5, size: int = 64,
-                   seed: int = 0) -> dict:
-    """Write an RSNA-like folder under `root`; return the truth.
+                   seed: int = 0, patient_prefix: str = "") -> dict:
+    """Write an RSNA-like folder under `root`; return the truth. `patient_prefix` starts every
+    PatientID (a hospital's free text: "=" makes one a spreadsheet formula).
 
     Truth keys: dicom_dir, csv, hu {id: float32 HU}, meta {id: dict of expected metadata},
     labels {id: {label: 0/1}}, variant {id: storage variant}, bad {id: kind}, compressed [ids],
     missing [ids in the CSV without a file], duplicated [ids listed twice in the CSV].
     """
     with _quiet_rsna_uids():
-        return _write(Path(root), n_patients, slices, size, np.random.default_rng(seed))
+        return _write(Path(root), n_patients, slices, size, np.random.default_rng(seed), patient_prefix)
 
 
-def _write(root: Path, n_patients: int, slices: int, size: int, rng) -> dict:
+def _write(root: Path, n_patients: int, slices: int, size: int, rng, patient_prefix: str) -> dict:
     dicom_dir = root / "stage_2_train"
     dicom_dir.mkdir(parents=True, exist_ok=True)
     truth = {"dicom_dir": dicom_dir, "csv": root / "stage_2_train.csv", "hu": {}, "meta": {},
@@ -59,7 +60,7 @@ def _write(root: Path, n_patients: int, slices: int, size: int, rng) -> dict:
         variant = VARIANTS[p % len(VARIANTS)]
         tilt = np.deg2rad(TILTS_DEG[p % len(TILTS_DEG)])
         rows = size * 3 // 4 if variant == "int16_nonsquare" else size
-        series = {"patient_id": _hex_id(rng, 8, used), "study_id": _hex_id(rng, 10, used),
+        series = {"patient_id": patient_prefix + _hex_id(rng, 8, used), "study_id": _hex_id(rng, 10, used),
                   "series_id": _hex_id(rng, 10, used)}
         spacing = round(float(rng.uniform(0.4, 0.6)), 6)
         orientation = [1.0, 0.0, 0.0, 0.0, float(np.cos(tilt)), float(-np.sin(tilt))]
@@ -85,7 +86,7 @@ def _write(root: Path, n_patients: int, slices: int, size: int, rng) -> dict:
             truth["meta"][image_id] = dict(series, position=position, rows=rows, columns=size,
                                            pixel_spacing=spacing)
             truth["labels"][image_id] = _labels(bleed)
-    _write_bad_files(truth, dicom_dir, rng, used)
+    _write_bad_files(truth, dicom_dir, rng, used, patient_prefix)
     truth["missing"] = [_hex_id(rng, 9, used) for _ in range(2)]
     for image_id in truth["missing"]:
         truth["labels"][image_id] = _labels(False)
@@ -175,9 +176,9 @@ def _dataset(image_id: str, stored: np.ndarray, tags: dict, series: dict, orient
     return ds
 
 
-def _write_bad_files(truth: dict, dicom_dir: Path, rng, used: set[str]) -> None:
+def _write_bad_files(truth: dict, dicom_dir: Path, rng, used: set[str], patient_prefix: str) -> None:
     hu = _phantom(16, 16, False, rng)
-    series = {"patient_id": _hex_id(rng, 8, used), "study_id": _hex_id(rng, 10, used),
+    series = {"patient_id": patient_prefix + _hex_id(rng, 8, used), "study_id": _hex_id(rng, 10, used),
               "series_id": _hex_id(rng, 10, used)}
     orientation, ipp = [1, 0, 0, 0, 1, 0], (0.0, 0.0, 0.0)
     for kind in BAD_KINDS:

@@ -290,6 +290,7 @@ def _pandas_consolidation(work, journal_dir, seen, out, failures_csv):
     """The consolidation as it was before issue 11 (pandas over every journal row): the
     reference the columnar one must match."""
     from ich import journal
+    from ich.io import read_csv
 
     frames = []
     if out.is_file():
@@ -298,7 +299,8 @@ def _pandas_consolidation(work, journal_dir, seen, out, failures_csv):
     if old_failures:
         frames.append(pd.DataFrame(old_failures))
     for part in journal.parts(journal_dir):
-        frames.append(pd.read_csv(part, dtype=str, keep_default_na=False))
+        # ich.io.read_csv: the journal escaped the "=ID" patient ids on disk.
+        frames.append(read_csv(part, dtype=str, keep_default_na=False))
     table = pd.concat(frames, ignore_index=True)
     table = table[table["file"].isin(seen)].drop_duplicates("file", keep="last")
     table["reason"] = table["reason"].fillna("").astype(str)

@@ -42,3 +42,32 @@ def test_write_csv_in_blocks_writes_the_bytes_of_one_to_csv(tmp_path, monkeypatc
     assert (tmp_path / "whole.csv").read_bytes() == (tmp_path / "blocks.csv").read_bytes()
     io.write_csv(frame.iloc[:0], tmp_path / "empty.csv")
     assert (tmp_path / "empty.csv").read_text() == "a,b\n"
+
+
+# Values that a spreadsheet would run, values that look escaped already, and plain ones.
+TRICKY = ["=HYPERLINK(\"x\")", "'=x", "''", "'", "-1.5", "'-1.5", "+3", "-", "@a", "\tx", "abc",
+          "'abc", "ID_=x"]
+
+
+def test_formula_cells_are_escaped_on_disk_and_read_back_as_they_were(tmp_path):
+    import pandas as pd
+    import pyarrow.csv as pacsv
+
+    from ich import io, journal
+
+    # On disk: a leading apostrophe before =, +, -, @, tab (numbers left alone), and one more
+    # before an apostrophe that would otherwise be taken for the escape.
+    assert [io.safe_cell(v) for v in TRICKY] == [
+        "'=HYPERLINK(\"x\")", "''=x", "'''", "'", "-1.5", "''-1.5", "+3", "'-", "'@a", "'\tx", "abc",
+        "'abc", "ID_=x"]
+    frame = pd.DataFrame({"patient_id": TRICKY, "n": range(len(TRICKY))})
+    io.write_csv(frame, tmp_path / "t.csv")
+    assert "\n=" not in (tmp_path / "t.csv").read_text()
+    back = io.read_csv(tmp_path / "t.csv", dtype={"patient_id": str})
+    assert back["patient_id"].tolist() == TRICKY and back["n"].tolist() == list(range(len(TRICKY)))
+    table = io.read_arrow_cells(pacsv.read_csv(tmp_path / "t.csv"))
+    assert table["patient_id"].to_pylist() == TRICKY
+    # The journals (preprocess, index) escape and unescape alike.
+    journal.write_rows(tmp_path / "j.csv", ["patient_id"], [{"patient_id": v} for v in TRICKY])
+    assert "\n=" not in (tmp_path / "j.csv").read_text()
+    assert [row["patient_id"] for row in journal.read_rows(tmp_path / "j.csv", ["patient_id"])] == TRICKY

@@ -16,12 +16,14 @@ from sklearn.metrics import roc_auc_score
 from alt_rsna import write_alt_rsna, write_config
 from ich.cli import main
 from ich.constants import LABELS
+from ich.io import read_csv
 
 
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory):
     root = tmp_path_factory.mktemp("full")
-    truth = write_alt_rsna(root / "rsna", n_patients=10, slices=4, size=64, seed=5)
+    # PatientIDs starting with "=": escaped in every CSV, yet joined exactly (natural prevalence).
+    truth = write_alt_rsna(root / "rsna", n_patients=10, slices=4, size=64, seed=5, patient_prefix="=")
     config = write_config(
         root, truth,
         augment={"target_per_label": 20, "max_copies_per_image": 1, "workers": 1},
@@ -43,7 +45,8 @@ def test_run_writes_every_artifact(pipeline):
     # What leaves the machine (eval/, predict's --out) names no patient and no absolute path.
     from alt_rsna import ACCESSION, INSTITUTION, PATIENT_NAME
 
-    patients = set(pd.read_csv(root / "work" / "splits.csv", dtype=str)["patient_id"])
+    patients = set(read_csv(root / "work" / "splits.csv", dtype=str)["patient_id"])
+    assert patients and all(p.startswith("=") for p in patients)
     for path in (root / "run" / "eval").iterdir():
         if path.suffix in (".csv", ".json", ".md", ".html"):
             # Embedded images are base64: any short string turns up in them by chance.
@@ -93,6 +96,16 @@ def test_predict_folder_with_broken_files(pipeline, tmp_path):
     assert broken == set(truth["bad"]) - skipped
     submission = pd.read_csv(out / "submission.csv")
     assert len(submission) == 6 * len(predicted)
+    # Predict's outputs name no patient: no PatientID (all start with "="), name or accession.
+    from alt_rsna import ACCESSION, INSTITUTION, PATIENT_NAME
+
+    patients = set(pd.read_parquet(root / "work" / "index.parquet")["patient_id"]) - {""}
+    assert patients and all(p.startswith("=") for p in patients)
+    for path in out.iterdir():
+        if path.suffix in (".csv", ".json"):
+            text = path.read_text()
+            assert not [s for s in (PATIENT_NAME, "Doe Jane", "19450317", INSTITUTION, ACCESSION, *patients)
+                        if s in text], path.name
     # Same preprocessing and model as evaluate: identical probabilities for the test images.
     evaluated = pd.read_csv(root / "run" / "eval" / "predictions.csv").set_index("image_id")
     both = predicted.set_index("image_id").loc[evaluated.index, list(LABELS)]
@@ -104,7 +117,7 @@ def test_natural_prevalence_scores_every_axial_slice_of_the_test_patients(pipeli
 
     root, _, _ = pipeline
     metrics = json.loads((root / "run" / "eval" / "metrics.json").read_text())
-    splits = pd.read_csv(root / "work" / "splits.csv", dtype=str)
+    splits = read_csv(root / "work" / "splits.csv", dtype=str)
     test_patients = set(splits.loc[splits["split"] == "test", "patient_id"])
     index = pd.read_parquet(root / "work" / "index.parquet")
     index = index[index["patient_id"].isin(test_patients)]

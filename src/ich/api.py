@@ -129,6 +129,7 @@ def predict(model, inputs, cfg: dict | None = None, out_dir: str | Path | None =
         for label in LABELS:
             table[f"{label}_pred"] = (table[label] >= cascade.thresholds[label]).astype(int)
         return table
+    from ich.io import read_csv
     from ich.steps.predict import predict_paths
 
     run_dir = Path(getattr(model, "run_dir", model))
@@ -137,8 +138,8 @@ def predict(model, inputs, cfg: dict | None = None, out_dir: str | Path | None =
         cfg = {**cfg, "predict": {**cfg["predict"], "batch_size": int(batch_size)}}
     if out_dir is None:
         with tempfile.TemporaryDirectory(prefix="ich_predict_") as tmp:
-            return pd.read_csv(predict_paths(paths, run_dir, Path(tmp), cfg))
-    return pd.read_csv(predict_paths(paths, run_dir, Path(out_dir), cfg))
+            return read_csv(predict_paths(paths, run_dir, Path(tmp), cfg))
+    return read_csv(predict_paths(paths, run_dir, Path(out_dir), cfg))
 
 
 def evaluate(cfg: dict, force: bool = False) -> dict:

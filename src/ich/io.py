@@ -69,6 +69,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
 
 # A text cell starting with one of these is run as a formula by spreadsheets (CSV injection).
 FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+# What escaping puts in front of such a cell: spreadsheets show the rest as text.
+ESCAPE = "'"
 # Space left free on a volume after a large write, for logs, stamps and other processes.
 FREE_SPACE_RESERVE = 64 * 2 ** 20
 
@@ -76,28 +78,71 @@ FREE_SPACE_RESERVE = 64 * 2 ** 20
 def safe_cell(value):
     """`value` as a spreadsheet shows it, not runs it: a string starting with = + - @ (or a tab
     or carriage return) gets a leading apostrophe. Numbers, and strings that are numbers
-    ("-1.5", "+3"), are left alone."""
-    if not isinstance(value, str) or not value.startswith(FORMULA_STARTS):
+    ("-1.5", "+3"), are left alone. A string that already starts with an apostrophe followed by
+    one of those characters (or another apostrophe) gets one more, so that `read_cell` gives
+    back exactly what was written: ich reads its own CSVs back (patient ids join tables)."""
+    if not isinstance(value, str):
+        return value
+    if value.startswith(ESCAPE) and value[1:2] in (*FORMULA_STARTS, ESCAPE):
+        return ESCAPE + value
+    if not value.startswith(FORMULA_STARTS):
         return value
     try:
         float(value)
         return value
     except ValueError:
-        return "'" + value
+        return ESCAPE + value
+
+
+def read_cell(value):
+    """The inverse of `safe_cell`: the apostrophe it added, removed."""
+    if isinstance(value, str) and value.startswith(ESCAPE) and value[1:2] in (*FORMULA_STARTS, ESCAPE):
+        return value[1:]
+    return value
+
+
+def _text_columns(df) -> list:
+    from pandas.api.types import is_string_dtype
+
+    # object columns, pandas' "string" dtypes and pandas 3's default `str` dtype
+    return [c for c in df.columns if df[c].dtype == object or is_string_dtype(df[c].dtype)]
 
 
 def escape_formulas(df):
     """A copy of DataFrame `df` whose text cells (object and string columns) pass `safe_cell`;
     column names too. Numeric columns are untouched."""
-    from pandas.api.types import is_string_dtype
-
     out = df.copy()
-    for column in out.columns:
-        # object columns, pandas' "string" dtypes and pandas 3's default `str` dtype
-        if out[column].dtype == object or is_string_dtype(out[column].dtype):
-            out[column] = out[column].map(safe_cell)
+    for column in _text_columns(out):
+        out[column] = out[column].map(safe_cell)
     out.columns = [safe_cell(c) for c in out.columns]
     return out
+
+
+def read_csv(path: str | Path, **kwargs):
+    """A CSV that ich wrote (write_csv, a journal) as a pandas DataFrame, exactly as it was
+    before the formula escaping: text cells and column names pass `read_cell`. `kwargs` go to
+    pandas.read_csv. Users' own CSVs (labels, reads) are read as they are, without this."""
+    import pandas as pd
+
+    df = pd.read_csv(path, **kwargs)
+    for column in _text_columns(df):
+        df[column] = df[column].map(read_cell)
+    df.columns = [read_cell(c) for c in df.columns]
+    return df
+
+
+def read_arrow_cells(table):
+    """`read_cell` on every string column of a pyarrow Table (for the steps that read their CSVs
+    with pyarrow, to keep memory flat): the table as it was before write_csv's escaping."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    for i, field in enumerate(table.schema):
+        if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
+            column = table.column(i)
+            escaped = pc.match_substring_regex(column, "^'[=+\\-@\t\r']")
+            table = table.set_column(i, field.name, pc.if_else(escaped, pc.utf8_slice_codeunits(column, 1), column))
+    return table
 
 
 # Rows escaped and written at a time by write_csv: the escaped copy of a block is all it adds.

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 from ich.errors import StepError
-from ich.io import atomic_path
+from ich.io import atomic_path, read_cell, safe_cell
 
 PARTS = "parts"            # folder of the journal parts inside a step's journal folder
 SCRATCH = "merge"          # folder of the sorted runs while merging (removed after)
@@ -33,14 +33,15 @@ FAN_IN = 200               # files merged at once: well under the usual limit of
 
 def write_rows(path: Path, columns: Sequence[str], rows: Iterable[dict], sync: bool = False) -> int:
     """Write `rows` (dicts; keys beyond `columns` ignored, missing ones empty) as a CSV, atomically
-    (temp file + rename); `sync` also forces it to disk first. Returns the number of rows."""
+    (temp file + rename), formulas escaped (ich.io.safe_cell; read_rows undoes it); `sync` also
+    forces it to disk first. Returns the number of rows."""
     n = 0
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(columns), extrasaction="ignore")
             writer.writeheader()
             for row in rows:
-                writer.writerow(row)
+                writer.writerow({key: safe_cell(value) for key, value in row.items()})
                 n += 1
             if sync:
                 handle.flush()
@@ -94,7 +95,8 @@ def reset(journal: Path) -> None:
 
 
 def _read_lists(path: Path, columns: Sequence[str]) -> Iterator[list[str]]:
-    """A CSV's rows as lists of strings in `columns` order ('' for a column it lacks)."""
+    """A CSV's rows as lists of strings in `columns` order ('' for a column it lacks), the
+    formula escaping of write_rows undone."""
     if not path.is_file():
         return
     with open(path, newline="") as handle:
@@ -108,7 +110,7 @@ def _read_lists(path: Path, columns: Sequence[str]) -> Iterator[list[str]]:
         for values in reader:
             if len(values) < width:
                 values = values + [""] * (width - len(values))
-            yield ["" if p is None else values[p] for p in positions]
+            yield ["" if p is None else read_cell(values[p]) for p in positions]
 
 
 def _checked(path: Path, columns: Sequence[str], index: int) -> Iterator[list[str]]:

@@ -137,14 +137,14 @@ def write_tensorboard(cfg: dict, run_dir: Path) -> None:
 def example_images(cfg: dict, n: int):
     """Up to n training PNGs (uint8 NHWC, in splits.csv order, positives first) with captions."""
     import numpy as np
-    import pandas as pd
 
     from ich.data.png import read_png
+    from ich.io import read_csv
 
     work = Path(cfg["paths"]["work_dir"])
     if n <= 0 or not (work / SPLITS_CSV).is_file():
         return np.zeros((0, 1, 1, 3), np.uint8), []
-    splits = pd.read_csv(work / SPLITS_CSV)
+    splits = read_csv(work / SPLITS_CSV)
     train = splits[splits["split"] == "train"].sort_values("any", ascending=False, kind="stable")
     images, captions = [], []
     for row in train.head(n).to_dict("records"):

@@ -24,7 +24,7 @@ import pandas as pd
 from ich.constants import AUGMENTED_CSV, IMAGES_CSV, LABELS, PACKED_DIR, SPLITS, SPLITS_CSV
 from ich.data.inputs import PNG_CHANNELS, InputSpec, neighbour_rows
 from ich.data.png import read_png
-from ich.io import atomic_path, require_free_space
+from ich.io import atomic_path, read_csv, require_free_space
 from ich.stamps import Stamp, reason, record, record_path
 
 # Images decoded per chunk while packing: bounds memory to chunk * S * S * 3 bytes.
@@ -81,7 +81,7 @@ def split_table(work_dir: Path, split: str, include_augmented: bool) -> pd.DataF
 def _read_csv(path: Path, step: str, columns: list[str]) -> pd.DataFrame:
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found; run `ich {step}` first")
-    table = pd.read_csv(path, dtype={"image_id": str, "path": str, "series_id": str, "study_id": str})
+    table = read_csv(path, dtype={"image_id": str, "path": str, "series_id": str, "study_id": str})
     missing = [c for c in columns if c not in table.columns]
     if missing:
         raise ValueError(f"{path}: missing columns {missing}; run `ich {step} --force` to rewrite it")

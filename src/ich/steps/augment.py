@@ -39,7 +39,7 @@ from ich.errors import StepError
 from ich.data.png import read_png
 from ich.constants import AUGMENTED_CSV, AUGMENTED_DIR, IMAGES_CSV, LABELS, PNG_DIR, SPLITS_CSV
 from ich.data.inputs import neighbour_rows
-from ich.io import Timer, atomic_write_bytes, progress, summary, write_csv
+from ich.io import Timer, atomic_write_bytes, progress, read_csv, summary, write_csv
 from ich.stamps import Stamp, reason, record, record_path
 
 log = logging.getLogger("ich")
@@ -134,7 +134,7 @@ def run(cfg: dict, force: bool = False) -> Path:
 def _train_rows(work: Path, splits_csv: Path) -> pd.DataFrame:
     """Train rows of splits.csv (image_id, LABELS, target, png path, and from images.csv
     series_id and position); rows without a PNG are dropped."""
-    splits = pd.read_csv(splits_csv, dtype={"image_id": str})
+    splits = read_csv(splits_csv, dtype={"image_id": str})
     missing = [c for c in ("image_id", "split", *LABELS) if c not in splits.columns]
     if missing:
         raise StepError(f"{splits_csv}: missing columns {missing}; run `ich split --force`")
@@ -142,7 +142,7 @@ def _train_rows(work: Path, splits_csv: Path) -> pd.DataFrame:
         splits["target"] = 1
     train = splits.loc[splits["split"] == "train", ["image_id", *LABELS, "target"]].reset_index(drop=True)
     images_csv = work / IMAGES_CSV
-    geometry = (pd.read_csv(images_csv, dtype={"image_id": str, "series_id": str})
+    geometry = (read_csv(images_csv, dtype={"image_id": str, "series_id": str})
                 if images_csv.is_file() else pd.DataFrame(columns=["image_id"]))
     for column, empty in (("series_id", ""), ("position", np.nan)):
         if column not in geometry.columns:

@@ -21,7 +21,7 @@ import pandas as pd
 from ich.errors import StepError
 from ich.constants import DICOM_DIR, MISSING_CSV, SAMPLED_CSV
 from ich.compute import is_machine_error, machine_message
-from ich.io import Timer, atomic_path, progress, require_free_space, summary, write_csv
+from ich.io import Timer, atomic_path, progress, read_csv, require_free_space, summary, write_csv
 from ich.stamps import Stamp, reason, record
 
 log = logging.getLogger("ich")
@@ -48,7 +48,7 @@ def run(cfg: dict, force: bool = False) -> Path:
         raise StepError(f"{sampled_csv} not found; run `ich sample` first")
     if not source_dir.is_dir():
         raise StepError(f"source DICOM folder {source_dir} not found; set paths.dicom_dir")
-    ids = pd.read_csv(sampled_csv, usecols=["image_id"])["image_id"].tolist()
+    ids = read_csv(sampled_csv, usecols=["image_id"])["image_id"].tolist()
     [stamp] = stamps(cfg)
     why = "forced" if force else reason(stamp)
     if why is None:

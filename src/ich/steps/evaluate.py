@@ -40,7 +40,7 @@ from ich.evaluation.cascade_file import check_finite, read_cascade_json
 from ich.evaluation.inference import load_cascade, refine_split
 from ich.evaluation.metrics import choose_threshold, evaluate_all
 from ich.evaluation.report import fmt, pick_examples, write_report
-from ich.io import Timer, summary, write_csv, write_json
+from ich.io import Timer, read_csv, summary, write_csv, write_json
 from ich.steps.evaluate_external import REPORT_HTML, write_html_report
 from ich.provenance import settings_rows
 from ich.stamps import Stamp, reason, record, record_path
@@ -240,7 +240,7 @@ def natural_level(cfg: dict, cascade, work_dir: Path, test_table: pd.DataFrame, 
 def patient_ids(work_dir: Path, table: pd.DataFrame) -> np.ndarray:
     """The bootstrap's unit per row of a split table: patient_id from splits.csv, else the
     study, else the image itself (str array)."""
-    splits = pd.read_csv(Path(work_dir) / SPLITS_CSV, dtype=str)
+    splits = read_csv(Path(work_dir) / SPLITS_CSV, dtype=str)
     by_image = (splits.drop_duplicates("image_id").set_index("image_id")["patient_id"]
                 if "patient_id" in splits.columns else pd.Series(dtype=str))
     patient = table["image_id"].astype(str).map(by_image)
@@ -302,7 +302,7 @@ def study_results(series: pd.DataFrame) -> pd.DataFrame:
 def data_counts(work_dir: Path) -> dict[str, dict[str, int]]:
     """{split: {"images", "patients", <label>: positives}} from splits.csv, plus a row for the
     augmented training copies when augmented.csv exists."""
-    splits = pd.read_csv(Path(work_dir) / SPLITS_CSV, dtype={"image_id": str, "patient_id": str})
+    splits = read_csv(Path(work_dir) / SPLITS_CSV, dtype={"image_id": str, "patient_id": str})
     counts = {}
     for split in SPLITS:
         part = splits[splits["split"] == split]
@@ -311,7 +311,7 @@ def data_counts(work_dir: Path) -> dict[str, dict[str, int]]:
                          **{label: n[label] for label in LABELS}}
     augmented = Path(work_dir) / AUGMENTED_CSV
     if augmented.is_file():
-        n = label_counts(pd.read_csv(augmented))
+        n = label_counts(read_csv(augmented))
         counts["train, augmented copies"] = {"images": n["images"], "patients": "",
                                              **{label: n[label] for label in LABELS}}
     return counts

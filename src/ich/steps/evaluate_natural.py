@@ -25,7 +25,7 @@ from ich.constants import INDEX_PARQUET, LABELS, LABELS_CSV
 from ich.data.index import skip_reason
 from ich.data.sources import decode_all
 from ich.errors import StepError
-from ich.io import progress
+from ich.io import progress, read_csv
 
 log = logging.getLogger("ich")
 
@@ -43,7 +43,7 @@ def natural_slices(work_dir: Path, patients: set[str]) -> pd.DataFrame:
     index = pd.read_parquet(index_path)
     index = index[index["patient_id"].astype(str).isin(patients)]
     index = index[index.apply(skip_reason, axis=1) == ""]
-    labels = pd.read_csv(work_dir / LABELS_CSV, dtype={"image_id": str})
+    labels = read_csv(work_dir / LABELS_CSV, dtype={"image_id": str})
     rows = index.merge(labels[["image_id", *LABELS]], on="image_id", how="inner")
     return rows.sort_values(["series_id", "position"], kind="stable", ignore_index=True)
 

@@ -36,7 +36,7 @@ from ich.config import resolve_workers
 from ich.constants import INDEX_FAILURES_CSV, INDEX_PARQUET
 from ich.data.index import FAILURE_COLUMNS, INDEX_COLUMNS, HeaderError, read_header
 from ich.errors import StepError
-from ich.io import Timer, atomic_path, progress, summary, write_json
+from ich.io import Timer, atomic_path, progress, read_arrow_cells, summary, write_json
 from ich.stamps import Stamp, reason, record, record_path
 
 log = logging.getLogger("ich")
@@ -430,14 +430,16 @@ def _read_part(path: Path):
     import pyarrow.csv as pacsv
 
     try:
-        return pacsv.read_csv(path, read_options=pacsv.ReadOptions(use_threads=False),
-                              convert_options=pacsv.ConvertOptions(
-                                  column_types=_read_types(), include_columns=list(_JOURNAL_COLUMNS),
-                                  include_missing_columns=True, strings_can_be_null=False,
-                                  quoted_strings_can_be_null=False))
+        table = pacsv.read_csv(path, read_options=pacsv.ReadOptions(use_threads=False),
+                               convert_options=pacsv.ConvertOptions(
+                                   column_types=_read_types(), include_columns=list(_JOURNAL_COLUMNS),
+                                   include_missing_columns=True, strings_can_be_null=False,
+                                   quoted_strings_can_be_null=False))
     except (pa.ArrowInvalid, OSError) as err:
         raise StepError(f"index: cannot read {path} ({err}); delete it, or run `ich index --force` "
                         "to index every file again") from err
+    # The journal escaped formula-like cells (a PatientID "=..."): the table holds them as they were.
+    return read_arrow_cells(table)
 
 
 def _compact(table):

@@ -56,7 +56,7 @@ from ich.data.index import HeaderError, not_axial_reason, read_header, unordered
 from ich.data.sources import PNG_SUFFIX, decode_all, display_names, find_inputs
 from ich.errors import StepError
 from ich.evaluation.cascade_file import check_finite, read_cascade_json
-from ich.io import Timer, progress, safe_cell, summary, write_csv, write_json
+from ich.io import Timer, progress, read_cell, safe_cell, summary, write_csv, write_json
 
 JOURNAL_DIR = ".predict"   # resume state inside the output folder
 
@@ -343,7 +343,9 @@ class Journal:
         if not text.endswith("\n"):
             text = text[:text.rfind("\n") + 1]   # a partial last line of a killed append
         reader = csv.DictReader(text.splitlines())
-        return [row for row in reader if all(row.get(c) is not None for c in columns)]
+        # read_cell undoes _append's formula escaping: a name comes back as it was written.
+        return [{k: read_cell(v) for k, v in row.items()} for row in reader
+                if all(row.get(c) is not None for c in columns)]
 
 
 def prediction_table(table, probs: np.ndarray, thresholds: dict[str, float]):

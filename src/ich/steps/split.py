@@ -19,7 +19,7 @@ import pyarrow.csv as pacsv
 
 from ich.errors import StepError
 from ich.constants import IMAGES_CSV, LABELS, SAMPLED_CSV, SPLITS_CSV
-from ich.io import Timer, summary, write_csv
+from ich.io import Timer, read_arrow_cells, summary, write_csv
 from ich.stamps import Stamp, reason, record
 from ich.data.splits import assign_splits, split_summary
 
@@ -122,9 +122,11 @@ def _read_csv(path: Path, types: dict, keep: list | None = "types"):
     others typed as inferred), cells pandas reads as missing ("", NA, ...) null."""
     columns = list(types) if keep == "types" else []
     try:
-        return pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
+        table = pacsv.read_csv(path, convert_options=pacsv.ConvertOptions(
             column_types={name: pa.string() for name in types}, include_columns=columns,
             strings_can_be_null=True))
     except (pa.ArrowInvalid, KeyError) as err:
         raise StepError(f"{path}: cannot read it as a table with columns {', '.join(types)} ({err}); "
                         "run the step that wrote it again") from err
+    # write_csv and the journals escaped formula-like cells: ids go on as they were written.
+    return read_arrow_cells(table)
