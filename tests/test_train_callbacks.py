@@ -27,6 +27,9 @@ def test_patience_state_counts_epochs_since_best():
     assert patience_state([{"val_auc": "0.9"}]) == (0.9, 0)
     assert patience_state([]) == (None, 0)
     assert patience_state([{"val_auc": "nan"}, {"val_auc": "0.5"}]) == (0.5, 0)
+    # val_loss: lower is better.
+    losses = [{"val_loss": v} for v in ("0.9", "0.4", "0.5", "0.45")]
+    assert patience_state(losses, "val_loss") == (0.4, 2)
 
 
 def test_trim_history_drops_epochs_without_backup(tmp_path):
@@ -76,6 +79,24 @@ def test_best_model_saves_only_improvements_and_remembers_them(tmp_path):
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
     with pytest.raises(ValueError, match="weights.h5"):
         BestModel(tmp_path / "best.keras")
+
+
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
+def test_best_model_on_val_loss_keeps_the_lowest_and_ignores_a_val_auc_score(tmp_path):
+    path = tmp_path / "best.weights.h5"
+    model = tiny_model()
+    auc = BestModel(path)
+    auc.set_model(model)
+    auc.on_epoch_end(0, {"val_auc": 0.9, "val_loss": 0.8})
+    # A score file of another monitor (a run whose train.monitor changed) is no bar to beat.
+    cb = BestModel(path, "val_loss")
+    assert cb.best is None
+    cb.set_model(model)
+    cb.on_epoch_end(0, {"val_loss": 0.5})
+    cb.on_epoch_end(1, {"val_loss": 0.6})
+    cb.on_epoch_end(2, {"val_loss": 0.3})
+    cb.on_epoch_end(3, {"val_loss": 0.3})
+    assert read_best(path) == {"monitor": "val_loss", "value": 0.3, "epoch": 2}
 
 
 def test_tensorboard_writes_event_file(tmp_path):

@@ -183,6 +183,7 @@ class Train(Section):
     frozen_lr: Annotated[float, Field(gt=0)]
     finetune_lr: Annotated[float, Field(gt=0)]
     steps_per_epoch: PositiveInt | None
+    monitor: Literal["val_auc", "val_loss"]
     early_stopping_patience: Count
     lr_patience: Count
     lr_factor: Annotated[float, Field(gt=0, lt=1)]  # Keras refuses a factor >= 1

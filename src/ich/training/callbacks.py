@@ -3,10 +3,11 @@
 In: the files of one (stage, phase): a best-model path, a CSV history, a TensorBoard folder and a
 backup folder. Out: a list of callbacks for `model.fit`:
   TerminateOnNaN raising, so a NaN run stops with an error instead of looking finished
-  ReduceLROnPlateau / EarlyStopping on val_auc (max), their counters rebuilt from the CSV on
-                 resume (the former first: it adds the epoch's learning rate to the logs)
+  ReduceLROnPlateau / EarlyStopping on train.monitor (val_auc, higher better, or val_loss,
+                 lower better), their counters rebuilt from the CSV on resume (the former
+                 first: it adds the epoch's learning rate to the logs)
   CSVLogger      history/<stage>_<phase>.csv, appended to on resume
-  BestModel      the best weights so far (by val_auc), written atomically, with their score in a
+  BestModel      the best weights so far (by the monitor), written atomically, with their score in a
                  .json beside them, shared by both phases of a stage (phase 2 must beat phase 1)
   TensorBoardX   scalars per epoch (losses, AUC, LR) via tensorboardX: Keras's own TensorBoard
                  callback needs TensorFlow, which torch and jax installs do not have
@@ -28,13 +29,15 @@ import keras
 from ich.io import atomic_path, write_json
 
 MONITOR = "val_auc"
+# Which way is better for each monitor train.monitor may name.
+MONITOR_MODES = {"val_auc": "max", "val_loss": "min"}
 WEIGHTS_SUFFIX = ".weights.h5"
 # File BackupAndRestore writes in its folder (Keras 3 internals); read only to trim the CSV.
 _BACKUP_METADATA = "training_metadata.json"
 
 
 class BestModel(keras.callbacks.Callback):
-    """Save the model's weights whenever val_auc beats the best so far, atomically, with a score.
+    """Save the model's weights whenever `monitor` beats the best so far, atomically, with a score.
 
     Unlike keras.callbacks.ModelCheckpoint, the best score survives a restart (it is read back
     from the score file beside the weights) so a resumed or second phase only overwrites a better
@@ -49,13 +52,16 @@ class BestModel(keras.callbacks.Callback):
         if not self.path.name.endswith(WEIGHTS_SUFFIX):
             raise ValueError(f"BestModel: {self.path} must end with {WEIGHTS_SUFFIX}")
         self.monitor = monitor
+        self.sign = 1.0 if MONITOR_MODES[monitor] == "max" else -1.0   # compare sign * value, higher better
         score = read_best(self.path)
-        self.best = score["value"] if score else -math.inf
+        self.best = score["value"] if score and score.get("monitor", MONITOR) == monitor else None
 
     def on_epoch_end(self, epoch, logs=None):
         """Save if logs[monitor] improved; a NaN score never counts as better."""
         value = (logs or {}).get(self.monitor)
-        if value is None or not value > self.best:
+        if value is None or math.isnan(value):
+            return
+        if self.best is not None and not self.sign * value > self.sign * self.best:
             return
         self.best = float(value)
         # A functional view over the same layers: the model's weights without its optimizer.
@@ -181,14 +187,14 @@ def patience_state(rows: list[dict], monitor: str = MONITOR) -> tuple[float | No
     values = [v for v in values if not math.isnan(v)]
     if not values:
         return None, 0
-    best = max(values)
+    best = (max if MONITOR_MODES[monitor] == "max" else min)(values)
     last_best = max(i for i, v in enumerate(values) if v == best)
     return best, len(values) - 1 - last_best
 
 
 def phase_callbacks(*, best_path: Path, csv_path: Path, backup_dir: Path, log_dir: Path | None,
                     patience: int, lr_patience: int, lr_factor: float, min_lr: float,
-                    step_offset: int = 0) -> list[keras.callbacks.Callback]:
+                    step_offset: int = 0, monitor: str = MONITOR) -> list[keras.callbacks.Callback]:
     """All callbacks of one phase, in the order that makes resuming exact (see module doc).
 
     On resume (a backup exists in backup_dir) the CSV is trimmed to the backed-up epochs and
@@ -197,7 +203,8 @@ def phase_callbacks(*, best_path: Path, csv_path: Path, backup_dir: Path, log_di
     """
     start = resume_epoch(backup_dir)
     rows = trim_history(csv_path, start) if start else []
-    best, since = patience_state(rows)
+    best, since = patience_state(rows, monitor)
+    mode = MONITOR_MODES[monitor]
     csv_path.parent.mkdir(parents=True, exist_ok=True)
     callbacks = [
         keras.callbacks.TerminateOnNaN(raise_error=True),
@@ -205,13 +212,13 @@ def phase_callbacks(*, best_path: Path, csv_path: Path, backup_dir: Path, log_di
         # TensorBoard record. min_delta 0 so "better" means the same here, in EarlyStopping
         # and in BestModel; with patience p the wait after k flat epochs is k mod p, exactly
         # what Keras would hold had the run not been killed.
-        ResumableReduceLROnPlateau(monitor=MONITOR, mode="max", patience=lr_patience,
+        ResumableReduceLROnPlateau(monitor=monitor, mode=mode, patience=lr_patience,
                                    factor=lr_factor, min_lr=min_lr, min_delta=0.0, verbose=1,
                                    resume_best=best, resume_wait=since % max(lr_patience, 1)),
-        ResumableEarlyStopping(monitor=MONITOR, mode="max", patience=patience, verbose=1,
+        ResumableEarlyStopping(monitor=monitor, mode=mode, patience=patience, verbose=1,
                                resume_best=best, resume_wait=since),
         keras.callbacks.CSVLogger(str(csv_path), append=bool(start)),
-        BestModel(best_path),
+        BestModel(best_path, monitor),
     ]
     if log_dir is not None:
         callbacks.append(TensorBoardX(log_dir, step_offset=step_offset))

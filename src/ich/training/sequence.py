@@ -156,6 +156,6 @@ def train_sequence(cfg: dict, stage: Stage, run_dir: Path, stamp: Stamp, splits:
     finally:
         keras.mixed_precision.set_global_policy(policy)
     best = best_score(best_path)
-    summary(f"train {stage.name}", f"{done - first} epochs over {len(y_train)} series, best val "
-            f"AUC {best['value']:.4f} -> {run_dir / stage.file}", (done - first) * len(y_train),
+    summary(f"train {stage.name}", f"{done - first} epochs over {len(y_train)} series, best "
+            f"{cfg['train']['monitor']} {best['value']:.4f} -> {run_dir / stage.file}", (done - first) * len(y_train),
             "series", timer)

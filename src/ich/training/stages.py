@@ -100,8 +100,9 @@ def common_settings(cfg: dict, stage: Stage) -> dict:
     augmentation, the training data and recipe. Worker counts, TensorBoard and backend stay
     out: they change how fast, not what is learnt."""
     train = cfg["train"]
-    keys = ("batch_size", "frozen_lr", "finetune_lr", "steps_per_epoch", "early_stopping_patience",
-            "lr_patience", "lr_factor", "min_lr", "frozen_epochs", "mixed_precision")
+    keys = ("batch_size", "frozen_lr", "finetune_lr", "steps_per_epoch", "monitor",
+            "early_stopping_patience", "lr_patience", "lr_factor", "min_lr", "frozen_epochs",
+            "mixed_precision")
     return {"seed": cfg["seed"], "input": InputSpec.from_config(cfg).to_json(),
             "weights": cfg["model"]["weights"], "dropout": cfg["model"]["dropout"],
             "online_augment": cfg["online_augment"], "augment_enabled": cfg["augment"]["enabled"],
@@ -203,7 +204,7 @@ def _build_sequence(cfg: dict, feature_dim: int) -> keras.Model:
 
 def _settings_sequence(cfg: dict) -> dict:
     train = cfg["train"]
-    keys = ("early_stopping_patience", "lr_patience", "lr_factor", "min_lr")
+    keys = ("monitor", "early_stopping_patience", "lr_patience", "lr_factor", "min_lr")
     return {"seed": cfg["seed"], "sequence": cfg["sequence"], "train": {k: train[k] for k in keys}}
 
 

@@ -2,7 +2,7 @@
 
 In: the config, a `Stage` (ich.training.stages), the input description, the run directory,
 and the stage's training and validation batches. Out, in the run directory:
-  <stage>.keras                 the best weights (by validation AUC), float32, no optimizer,
+  <stage>.keras                 the best weights (by train.monitor: val AUC or val loss), float32, no optimizer,
                                 no augmentation layers
   history/<stage>_<phase>.csv   per-epoch losses, AUC and learning rate
   logs/<stage>/                 TensorBoard event files
@@ -104,7 +104,7 @@ def train_stage(cfg: dict, stage: Stage, spec: InputSpec, run_dir: Path, stamp: 
     export(model, augmentation, best_path, final, rebuild=lambda: stage.build(cfg, spec, None))
     best = best_score(best_path)
     summary(f"train {stage.name}", f"{seen} images seen ({len(y_train)} training images), "
-            f"best val AUC {best['value']:.4f} -> {final}", seen, "images", timer)
+            f"best {cfg['train']['monitor']} {best['value']:.4f} -> {final}", seen, "images", timer)
 
 
 def clear_stage(run_dir: Path, stage: Stage) -> None:
@@ -159,7 +159,8 @@ def fit_phase(model, cfg, stage, phase, run_dir, batches, val_batches, epochs, c
         backup_dir=backup_dir,
         log_dir=run_dir / LOGS_DIR / stage if train["tensorboard"] else None,
         patience=int(train["early_stopping_patience"]), lr_patience=int(train["lr_patience"]),
-        lr_factor=float(train["lr_factor"]), min_lr=float(train["min_lr"]), step_offset=offset)
+        lr_factor=float(train["lr_factor"]), min_lr=float(train["min_lr"]), step_offset=offset,
+        monitor=train["monitor"])
     # BackupAndRestore leaves a resumed fit's start epoch on the model, and Keras prefers it to
     # fit's own initial_epoch: clear it, or the next phase would skip as many epochs.
     model._initial_epoch = None
