@@ -35,6 +35,22 @@ def test_crash_and_hang_cost_only_their_item(workers):
     assert by_item["hang"].failure == "timed out after 1.5 s"
 
 
+def test_items_sent_to_a_worker_that_just_died_go_to_another_unblamed():
+    # The race behind a flaky BrokenPipeError: the worker crashed between the parent's last look
+    # and its next send.
+    import multiprocessing
+
+    from ich.compute import _Worker
+
+    worker = _Worker(multiprocessing.get_context("spawn"), square_or_fault, None)
+    worker.process.kill()
+    worker.process.join()
+    worker.send(0, 1)
+    worker.send(1, 2)
+    assert list(worker.queue) == [(0, 1), (1, 2)] and not worker.culprit()
+    worker.kill()
+
+
 def test_ordered_yields_in_input_order():
     items = ["slow", 1, 2, 3, "slow", 4]
     results = list(map_files(square_or_fault, items, workers=2, ordered=True))

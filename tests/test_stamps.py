@@ -42,3 +42,21 @@ def test_folder_identity_changes_exactly_when_an_entry_is_added_removed_or_resiz
     (tmp_path / "c.dcm").unlink()
     assert stamps.identity(tmp_path) == resized
     assert stamps.identity(tmp_path / "missing") is None
+
+
+def test_must_run_says_why_or_that_the_output_is_up_to_date(tmp_path, caplog):
+    out = tmp_path / "out.csv"
+    stamp = stamps.Stamp("split", tmp_path, settings={"seed": 1}, outputs=[out])
+    with caplog.at_level("INFO", logger="ich"):
+        assert stamps.must_run("split", stamp, False, out)
+        out.write_text("x")
+        stamps.record(stamp)
+        assert not stamps.must_run("split", stamp, False, out)
+        assert stamps.must_run("split", stamp, True, out)
+        assert stamps.must_run("split", stamp, False, out, also="--retry-failed")
+        other = stamps.Stamp("split", tmp_path, settings={"seed": 2}, outputs=[out])
+        assert stamps.must_run("split", other, False, out, also="--retry-failed")
+    assert [r.getMessage() for r in caplog.records] == [
+        "split: running (never run)", f"split: {out} is up to date (use --force to redo)",
+        "split: running (forced)", "split: running (--retry-failed)",
+        "split: running (settings changed: seed)"]

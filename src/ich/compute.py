@@ -161,12 +161,22 @@ class _Worker:
         self.queue: deque[tuple[int, Any]] = deque()
         self.ready = False
         self.head_since = 0.0   # when the oldest queued item started running (once ready)
+        self.undelivered = 0    # items at the queue's tail that never reached the pipe
 
     def send(self, index: int, item: Any) -> None:
         if not self.queue:
             self.head_since = time.monotonic()
         self.queue.append((index, item))
-        self.conn.send((index, item))
+        try:
+            self.conn.send((index, item))
+        except (BrokenPipeError, ConnectionResetError):
+            # It died since the last look (a crash on the item it runs): its sentinel says so at
+            # the next wait, and the items it never got go back to the queue, unblamed.
+            self.undelivered += 1
+
+    def culprit(self) -> bool:
+        """Whether the head of the queue reached the worker (so its death is that item's)."""
+        return len(self.queue) > self.undelivered
 
     def kill(self) -> None:
         if self.process.is_alive():
@@ -260,7 +270,7 @@ def _local(fn, items: list, workers: int, timeout_s: float | None, initializer,
                     if not worker.ready:
                         raise WorkerStartError(f"a worker process died while starting "
                                                f"({_death(worker.process)}); see the messages above")
-                    if worker.queue:
+                    if worker.culprit():
                         index, item = worker.queue.popleft()
                         result = Result(index, item, failure=_death(worker.process))
                         retire(worker)

@@ -18,6 +18,7 @@ import hashlib
 import heapq
 import importlib
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass, field
@@ -60,6 +61,18 @@ def record_path(folder: str | Path, name: str) -> Path:
     """The record of unit `name` in `folder`: an input for the units downstream of it (a rerun
     of preprocess rewrites its record, which stales what was built from its PNGs)."""
     return Path(folder) / STAMP_DIR / f"{name}.json"
+
+
+def must_run(step: str, stamp: Stamp, force: bool, output, also: str | None = None) -> bool:
+    """Whether `step` must run, logged either way: "<step>: <output> is up to date (use --force
+    to redo)", or "<step>: running (<why>)" with why = forced, the stamp's reason, or `also` (a
+    reason to run of the step's own, such as --retry-failed) when the stamp has none."""
+    why = "forced" if force else (reason(stamp) or also)
+    if why is None:
+        logging.getLogger("ich").info("%s: %s is up to date (use --force to redo)", step, output)
+        return False
+    logging.getLogger("ich").info("%s: running (%s)", step, why)
+    return True
 
 
 def reason(stamp: Stamp) -> str | None:

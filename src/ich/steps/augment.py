@@ -40,7 +40,7 @@ from ich.data.png import read_png
 from ich.constants import AUGMENTED_CSV, AUGMENTED_DIR, IMAGES_CSV, LABELS, PNG_DIR, SPLITS_CSV
 from ich.data.inputs import neighbour_rows
 from ich.io import Timer, atomic_write_bytes, progress, read_csv, summary, write_csv
-from ich.stamps import Stamp, reason, record, record_path
+from ich.stamps import Stamp, must_run, reason, record, record_path
 
 log = logging.getLogger("ich")
 
@@ -85,11 +85,8 @@ def run(cfg: dict, force: bool = False) -> Path:
     if not splits_csv.is_file():
         raise StepError(f"{splits_csv} not found; run `ich split` first")
     [stamp] = stamps(cfg)
-    why = "forced" if force else reason(stamp)
-    if why is None:
-        log.info("augment: %s is up to date (use --force to redo)", out_csv)
+    if not must_run("augment", stamp, force, out_csv):
         return out_csv
-    log.info("augment: running (%s)", why)
 
     timer = Timer()
     train = _train_rows(work, splits_csv)

@@ -22,7 +22,7 @@ from ich.errors import StepError
 from ich.constants import DICOM_DIR, MISSING_CSV, SAMPLED_CSV
 from ich.compute import is_machine_error, machine_message
 from ich.io import Timer, atomic_path, progress, read_csv, require_free_space, summary, write_csv
-from ich.stamps import Stamp, reason, record
+from ich.stamps import Stamp, must_run, record
 
 log = logging.getLogger("ich")
 
@@ -50,11 +50,8 @@ def run(cfg: dict, force: bool = False) -> Path:
         raise StepError(f"source DICOM folder {source_dir} not found; set paths.dicom_dir")
     ids = read_csv(sampled_csv, usecols=["image_id"])["image_id"].tolist()
     [stamp] = stamps(cfg)
-    why = "forced" if force else reason(stamp)
-    if why is None:
-        log.info("copy: %s is up to date (use --force to redo)", dest_dir)
+    if not must_run("copy", stamp, force, dest_dir):
         return dest_dir
-    log.info("copy: running (%s)", why)
 
     dest_dir.mkdir(parents=True, exist_ok=True)
     for leftover in dest_dir.glob(".*.tmp*"):  # temporary files of a killed run

@@ -39,11 +39,12 @@ from ich.evaluation.calibration import calibration_effect
 from ich.evaluation.cascade_file import check_finite, read_cascade_json
 from ich.evaluation.inference import load_cascade, refine_split
 from ich.evaluation.metrics import choose_threshold, evaluate_all
+from ich.evaluation.studies import aggregate_studies
 from ich.evaluation.report import fmt, pick_examples, write_report
 from ich.io import Timer, read_csv, summary, write_csv, write_json
 from ich.steps.evaluate_external import REPORT_HTML, write_html_report
 from ich.provenance import settings_rows
-from ich.stamps import Stamp, reason, record, record_path
+from ich.stamps import Stamp, must_run, record, record_path
 
 log = logging.getLogger("ich")
 
@@ -74,11 +75,8 @@ def run(cfg: dict, force: bool = False) -> Path:
     eval_dir = run_dir / EVAL_DIR
     metrics_path = eval_dir / METRICS_JSON
     [stamp] = stamps(cfg)
-    why = "forced" if force else reason(stamp)
-    if why is None:
-        log.info("evaluate: %s is up to date; skipped (--force to redo)", metrics_path)
+    if not must_run("evaluate", stamp, force, metrics_path):
         return metrics_path
-    log.info("evaluate: running (%s)", why)
 
     timer = Timer()
     try:
@@ -290,13 +288,7 @@ def study_results(series: pd.DataFrame) -> pd.DataFrame:
     n_slices, the six probabilities (highest over its series) and the six labels
     (`<label>_true`: positive when any of its slices is). Series without a study id are left out."""
     true = [f"{label}{TRUE_SUFFIX}" for label in LABELS]
-    frame = series[series["study_id"].astype(str) != ""]
-    if frame.empty:
-        return pd.DataFrame(columns=["study_id", "n_slices", *LABELS, *true])
-    grouped = frame.groupby("study_id", sort=True)
-    out = grouped[[*LABELS, *true]].max()
-    out.insert(0, "n_slices", grouped["n_slices"].sum())
-    return out.reset_index()[["study_id", "n_slices", *LABELS, *true]]
+    return aggregate_studies(series, [*LABELS, *true], slices="n_slices")
 
 
 def data_counts(work_dir: Path) -> dict[str, dict[str, int]]:

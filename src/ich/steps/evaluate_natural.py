@@ -25,6 +25,7 @@ from ich.constants import INDEX_PARQUET, LABELS, LABELS_CSV
 from ich.data.index import skip_reason
 from ich.data.sources import decode_all
 from ich.errors import StepError
+from ich.evaluation.studies import aggregate_studies
 from ich.io import progress, read_csv
 
 log = logging.getLogger("ich")
@@ -87,7 +88,5 @@ def score_natural(cascade, rows: pd.DataFrame, dicom_dir: Path, batch_size: int,
     per_series = pd.DataFrame(studies)
     if per_series.empty:
         return table, per_series, failed
-    grouped = per_series.groupby("study_id", sort=True)
-    per_study = grouped[[*LABELS, *(f"{label}_true" for label in LABELS)]].max()
-    per_study.insert(0, "n_slices", grouped["n_slices"].sum())
-    return table, per_study.reset_index(), failed
+    columns = [*LABELS, *(f"{label}_true" for label in LABELS)]
+    return table, aggregate_studies(per_series, columns, slices="n_slices"), failed

@@ -37,7 +37,7 @@ from ich.constants import INDEX_FAILURES_CSV, INDEX_PARQUET
 from ich.data.index import FAILURE_COLUMNS, INDEX_COLUMNS, HeaderError, read_header
 from ich.errors import StepError
 from ich.io import Timer, atomic_path, progress, read_arrow_cells, summary, write_json
-from ich.stamps import Stamp, reason, record, record_path
+from ich.stamps import Stamp, must_run, record, record_path
 
 log = logging.getLogger("ich")
 
@@ -74,11 +74,8 @@ def run(cfg: dict, force: bool = False) -> Path:
     if not source.is_dir():
         raise StepError(f"{source} not found; set paths.dicom_dir to the folder of DICOM files")
     [stamp] = stamps(cfg)
-    why = "forced" if force else reason(stamp)
-    if why is None:
-        log.info("index: %s is up to date (use --force to redo)", out)
+    if not must_run("index", stamp, force, out):
         return out
-    log.info("index: running (%s)", why)
     if force or _journal_method(journal_dir) != METHOD:
         # Rows of another layout (or --force) are never mixed into the new index.
         _reset(work, journal_dir)

@@ -56,6 +56,7 @@ from ich.data.index import HeaderError, not_axial_reason, read_header, unordered
 from ich.data.sources import PNG_SUFFIX, decode_all, display_names, find_inputs
 from ich.errors import StepError
 from ich.evaluation.cascade_file import check_finite, read_cascade_json
+from ich.evaluation.studies import aggregate_studies
 from ich.io import Timer, progress, read_cell, safe_cell, summary, write_csv, write_json
 
 JOURNAL_DIR = ".predict"   # resume state inside the output folder
@@ -384,13 +385,5 @@ def study_table(table, probs: np.ndarray, series):
         # Only series with slices in the table: a redone series' last result is the one kept.
         series = series[series["series_id"].isin(set(frame["series_id"]))]
         parts.append(series[["study_id", "patient_id", "n_slices", *LABELS]].astype({"study_id": str}))
-    units = pd.concat(parts, ignore_index=True)
-    units = units[units["study_id"].fillna("").astype(str) != ""]
-    columns = ["study_id", "patient_id", "n_slices", *LABELS]
-    if units.empty:
-        return pd.DataFrame(columns=columns)
-    grouped = units.groupby("study_id", sort=True)
-    out = grouped[list(LABELS)].max()
-    out.insert(0, "n_slices", grouped["n_slices"].sum())
-    out.insert(0, "patient_id", grouped["patient_id"].first())
-    return out.reset_index()[columns]
+    return aggregate_studies(pd.concat(parts, ignore_index=True), LABELS, keep=["patient_id"],
+                             slices="n_slices")

@@ -50,7 +50,7 @@ from ich.errors import StepError
 from ich.config import resolve_workers
 from ich.constants import DICOM_DIR, FAILURES_CSV, IMAGES_CSV, PNG_DIR
 from ich.io import Timer, atomic_path, progress, summary
-from ich.stamps import Stamp, clear, reason, record
+from ich.stamps import Stamp, clear, must_run, reason, record
 
 log = logging.getLogger("ich")
 
@@ -99,15 +99,11 @@ def run(cfg: dict, force: bool = False) -> Path:
     if not len(ids):
         raise StepError(f"no .dcm files in {source_dir}; run `ich copy` first")
     [stamp] = stamps(cfg)
-    why = "forced" if force else reason(stamp)
     retry = bool(pp.get("retry_failed")) and not force
     failed_before = sum(1 for _ in journal.read_rows(failures_csv, FAILURE_COLUMNS)) if retry else 0
-    if why is None and failed_before:
-        why = f"--retry-failed: trying the {failed_before:,} failed images again"
-    if why is None:
-        log.info("preprocess: %s is up to date (use --force to redo)", images_csv)
+    also = f"--retry-failed: trying the {failed_before:,} failed images again" if failed_before else None
+    if not must_run("preprocess", stamp, force, images_csv, also):
         return images_csv
-    log.info("preprocess: running (%s)", why)
 
     pixels = pixel_stamp(cfg)
     changed = reason(pixels)

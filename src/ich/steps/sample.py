@@ -18,7 +18,7 @@ from ich.data import labels
 from ich.errors import StepError
 from ich.constants import INDEX_PARQUET, LABELS, LABELS_CSV, SAMPLED_CSV
 from ich.io import Timer, summary, write_csv
-from ich.stamps import Stamp, reason, record
+from ich.stamps import Stamp, must_run, record
 
 log = logging.getLogger("ich")
 
@@ -46,11 +46,8 @@ def run(cfg: dict, force: bool = False) -> Path:
     index_path = work / INDEX_PARQUET
     needs_index = _needs_index(cfg)
     [stamp] = stamps(cfg)
-    why = "forced" if force else reason(stamp)
-    if why is None:
-        log.info("sample: %s is up to date (use --force to redo)", out_sampled)
+    if not must_run("sample", stamp, force, out_sampled):
         return out_sampled
-    log.info("sample: running (%s)", why)
 
     timer = Timer()
     try:

@@ -20,7 +20,7 @@ import pyarrow.csv as pacsv
 from ich.errors import StepError
 from ich.constants import IMAGES_CSV, LABELS, SAMPLED_CSV, SPLITS_CSV
 from ich.io import Timer, read_arrow_cells, summary, write_csv
-from ich.stamps import Stamp, reason, record
+from ich.stamps import Stamp, must_run, record
 from ich.data.splits import assign_splits, split_summary
 
 log = logging.getLogger("ich")
@@ -41,11 +41,8 @@ def run(cfg: dict, force: bool = False) -> Path:
         if not path.is_file():
             raise StepError(f"{path} not found; run `ich {step}` first")
     [stamp] = stamps(cfg)
-    why = "forced" if force else reason(stamp)
-    if why is None:
-        log.info("split: %s is up to date (use --force to redo)", out)
+    if not must_run("split", stamp, force, out):
         return out
-    log.info("split: running (%s)", why)
 
     timer = Timer()
     images = _read_csv(images_csv, {"image_id": "string", "patient_id": "string", "study_id": "string"})

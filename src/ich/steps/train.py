@@ -32,7 +32,7 @@ from ich.io import write_json
 from ich.stamps import Stamp, reason, record, record_path
 from ich.training import distribution
 from ich.training.sequence import train_sequence
-from ich.training.stages import STAGES, Stage, get_stage, image_stage_names, stage_seed
+from ich.training.stages import STAGES, Stage, get_stage, image_stage_names, stage_entry, stage_seed
 from ich.training.trainer import clear_stage, train_stage
 
 log = logging.getLogger("ich")
@@ -180,17 +180,6 @@ def series_splits(cfg: dict, spec: InputSpec) -> dict:
                 for split in ("train", "val")}
     except ValueError as err:
         raise StepError(str(err)) from err
-
-
-def stage_entry(cfg: dict, stage: Stage) -> dict:
-    """A stage's entry in cascade.json."""
-    if stage.kind == SEQUENCE:
-        return {"name": stage.name, "file": stage.file, "labels": list(stage.labels),
-                "given": None, "kind": SEQUENCE, "pooling": cfg["sequence"]["pooling"]}
-    model = cfg["model"]
-    backbones = {"stage1": [model["stage1_backbone"]], "stage2": list(model["stage2_backbones"])}
-    return {"name": stage.name, "file": stage.file, "labels": list(stage.labels),
-            "given": stage.given, "backbones": backbones.get(stage.name, [])}
 
 
 def cascade_description(cfg: dict, spec: InputSpec, mixed_precision: bool) -> dict:

@@ -102,15 +102,14 @@ def sequence_inputs(cascade, data, batch_size: int, split: str):
     return data.table.iloc[rows].reset_index(drop=True), probs, features
 
 
-def load_cascade_images(run_dir: Path, spec: InputSpec):
+def load_cascade_images(run_dir: Path, cfg: dict):
     """The run's image stages as a Cascade (the sequence stage, being trained, left out)."""
     from ich.evaluation.inference import Cascade
-    from ich.training.stages import STAGES, image_stage_names
+    from ich.training.stages import STAGES, image_stage_names, stage_entry
 
-    stages = [{"name": name, "file": STAGES[name].file, "labels": list(STAGES[name].labels),
-               "given": STAGES[name].given} for name in image_stage_names()]
+    stages = [stage_entry(cfg, STAGES[name]) for name in image_stage_names()]
     models = {s["name"]: keras.saving.load_model(Path(run_dir) / s["file"], compile=False) for s in stages}
-    return Cascade(models=models, meta={"stages": stages, "input": spec.to_json()})
+    return Cascade(models=models, meta={"stages": stages, "input": InputSpec.from_config(cfg).to_json()})
 
 
 def train_sequence(cfg: dict, stage: Stage, run_dir: Path, stamp: Stamp, splits: dict) -> None:
@@ -120,7 +119,7 @@ def train_sequence(cfg: dict, stage: Stage, run_dir: Path, stamp: Stamp, splits:
     timer = Timer()
     seq = cfg["sequence"]
     batch = int(cfg["predict"]["batch_size"])
-    cascade = load_cascade_images(run_dir, InputSpec.from_config(cfg))
+    cascade = load_cascade_images(run_dir, cfg)
     train_table, train_p, train_f = sequence_inputs(cascade, splits["train"], batch, "train")
     val_table, val_p, val_f = sequence_inputs(cascade, splits["val"], batch, "val")
     length = max(len(r) for table in (train_table, val_table)

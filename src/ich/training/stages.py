@@ -208,6 +208,17 @@ def _settings_sequence(cfg: dict) -> dict:
     return {"seed": cfg["seed"], "sequence": cfg["sequence"], "train": {k: train[k] for k in keys}}
 
 
+def stage_entry(cfg: dict, stage: Stage) -> dict:
+    """A stage's entry in cascade.json (what inference needs to run it)."""
+    if stage.kind == SEQUENCE:
+        return {"name": stage.name, "file": stage.file, "labels": list(stage.labels),
+                "given": None, "kind": SEQUENCE, "pooling": cfg["sequence"]["pooling"]}
+    model = cfg["model"]
+    backbones = {"stage1": [model["stage1_backbone"]], "stage2": list(model["stage2_backbones"])}
+    return {"name": stage.name, "file": stage.file, "labels": list(stage.labels),
+            "given": stage.given, "backbones": backbones.get(stage.name, [])}
+
+
 def image_stage_names() -> tuple[str, ...]:
     """The image stages of STAGES, in order: every run has them; the sequence stage is optional."""
     return tuple(name for name, stage in STAGES.items() if stage.kind == IMAGE)
