@@ -55,7 +55,21 @@ def test_import_ich_is_light_and_registers_with_keras(tmp_path):
         "from keras.src.saving.object_registration import GLOBAL_CUSTOM_OBJECTS as R\n"
         "print(sorted(k for k in R if k.startswith('ich>')))\n")
     assert ("['ich>FastBatchNormalization', 'ich>FastConv2D', 'ich>FastDepthwiseConv2D', "
-            "'ich>RandomWarp', 'ich>TokenEmbedding', 'ich>WeightedBCE']") in _python(code, tmp_path)
+            "'ich>MaskedAUC', 'ich>MaskedAttentionPool', 'ich>MaskedMaxPool', 'ich>MaskedSequence', "
+            "'ich>ProbabilityLogits', 'ich>RandomWarp', 'ich>TokenEmbedding', 'ich>WeightedBCE', "
+            "'ich>masked_bce']"
+            ) in _python(code, tmp_path)
+
+
+def test_a_run_with_a_sequence_stage_loads_in_a_fresh_process(tmp_path):
+    # `ich evaluate` / `ich predict` on their own, not after training in the same process.
+    from tiny_cascade import save_tiny_cascade
+
+    save_tiny_cascade(tmp_path / "run", sequence=True)
+    load = ("import ich\n"
+            "from ich.evaluation.inference import load_cascade\n"
+            "print('stages', sorted(load_cascade('run').models))\n")
+    assert "stages ['sequence', 'stage1', 'stage2']" in _python(load, tmp_path)
 
 
 def test_plain_keras_loads_a_model_with_custom_layers_after_import_ich(tmp_path):
