@@ -210,6 +210,8 @@ def test_stage_stamps_name_the_setting_and_input_that_changed(tmp_path):
         assert reason(stage_stamp(cfg, stage)) is None
     lr = tiny_cfg(tmp_path, **{"train.finetune_lr": 0.01})
     assert reason(stage_stamp(lr, STAGES["stage1"])) == "settings changed: train.finetune_lr"
+    # Runs recorded before train.monitor existed followed val_auc: the default is not recorded.
+    assert "monitor" not in stage_stamp(cfg, STAGES["stage1"]).settings["train"]
     loss = tiny_cfg(tmp_path, **{"train.monitor": "val_loss"})   # another best model: retrain
     assert {reason(stage_stamp(loss, s)) for s in STAGES.values()} == {"settings changed: train.monitor"}
     backbone = tiny_cfg(tmp_path, **{"model.stage1_backbone": "EfficientNetV2B1"})

@@ -100,14 +100,20 @@ def common_settings(cfg: dict, stage: Stage) -> dict:
     augmentation, the training data and recipe. Worker counts, TensorBoard and backend stay
     out: they change how fast, not what is learnt."""
     train = cfg["train"]
-    keys = ("batch_size", "frozen_lr", "finetune_lr", "steps_per_epoch", "monitor",
-            "early_stopping_patience", "lr_patience", "lr_factor", "min_lr", "frozen_epochs",
-            "mixed_precision")
+    keys = ("batch_size", "frozen_lr", "finetune_lr", "steps_per_epoch", "early_stopping_patience",
+            "lr_patience", "lr_factor", "min_lr", "frozen_epochs", "mixed_precision")
     return {"seed": cfg["seed"], "input": InputSpec.from_config(cfg).to_json(),
             "weights": cfg["model"]["weights"], "dropout": cfg["model"]["dropout"],
             "online_augment": cfg["online_augment"], "augment_enabled": cfg["augment"]["enabled"],
-            "train": {k: train[k] for k in keys},
+            "train": {**{k: train[k] for k in keys}, **monitor_setting(cfg)},
             "epochs": {phase: phase_epochs(cfg, stage, phase) for phase in PHASES}}
+
+
+def monitor_setting(cfg: dict) -> dict:
+    """train.monitor for a stage's settings, only when it is not val_auc: runs recorded before
+    the key existed followed val_auc, and stay up to date instead of retraining."""
+    monitor = cfg["train"]["monitor"]
+    return {} if monitor == "val_auc" else {"monitor": monitor}
 
 
 def class_weights(y: np.ndarray) -> dict[int, float] | None:
@@ -204,8 +210,9 @@ def _build_sequence(cfg: dict, feature_dim: int) -> keras.Model:
 
 def _settings_sequence(cfg: dict) -> dict:
     train = cfg["train"]
-    keys = ("monitor", "early_stopping_patience", "lr_patience", "lr_factor", "min_lr")
-    return {"seed": cfg["seed"], "sequence": cfg["sequence"], "train": {k: train[k] for k in keys}}
+    keys = ("early_stopping_patience", "lr_patience", "lr_factor", "min_lr")
+    return {"seed": cfg["seed"], "sequence": cfg["sequence"],
+            "train": {**{k: train[k] for k in keys}, **monitor_setting(cfg)}}
 
 
 def stage_entry(cfg: dict, stage: Stage) -> dict:
