@@ -18,6 +18,7 @@ import argparse
 import os
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("KERAS_BACKEND", "torch")
@@ -51,11 +52,11 @@ def main() -> None:
 
             cascade = load_cascade(Path(args.model))
             size = cascade.image_size
-            images, masks, heads, _ = lesion_slices(root, size)
+            images, masks, heads, ids = lesion_slices(root, size)
             from ich.steps.explain import label_heatmaps
 
-            heats = label_heatmaps(cascade, cascade.spec.assemble(images[:, None]), "any")
-            what = f"stage 1 of {args.model}"
+            heats = label_heatmaps(cascade, context_inputs(root, ids, cascade.spec, size), "any")
+            what = f"stage 1 of {args.model} (input offsets {list(cascade.spec.offsets)})"
         else:
             size = args.size
             images, masks, heads, _ = lesion_slices(root, size)
@@ -69,6 +70,31 @@ def main() -> None:
     print(f"  peak inside the blood: {hit:.3f}")
     print(f"  random point in the image: {uniform:.3f} (x{hit / max(uniform, 1e-12):.0f}); "
           f"inside the head: {in_head:.3f} (x{hit / max(in_head, 1e-12):.1f})")
+
+
+def context_inputs(root: Path, ids: list[str], spec, size: int):
+    """Model inputs of the slices `ids` with their neighbours at the model's slice offsets,
+    found as ich finds them (series and position from the headers; the edge slice repeats)."""
+    import numpy as np
+    import pydicom
+
+    from blood_detector import WINDOWS
+    from ich.data.dicom import read_hu
+    from ich.data.inputs import neighbour_rows
+    from ich.data.windowing import hu_to_rgb
+
+    paths = sorted((root / "stage_2_train").glob("*.dcm"))
+    with warnings.catch_warnings():   # RSNA's (and ich synth's) "ID_..." UIDs are not valid UIs
+        warnings.filterwarnings("ignore", message="Invalid value for VR UI")
+        headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in paths]
+    where = {path.stem: k for k, path in enumerate(paths)}
+    rows = neighbour_rows([h.SeriesInstanceUID for h in headers],
+                          [float(h.ImagePositionPatient[2]) for h in headers], spec.offsets)
+    needed = sorted({int(r) for image_id in ids for r in rows[where[image_id]]})
+    slot = {r: k for k, r in enumerate(needed)}
+    slices = np.stack([hu_to_rgb(read_hu(paths[r])[0], WINDOWS, size) for r in needed])
+    index = np.array([[slot[int(r)] for r in rows[where[image_id]]] for image_id in ids])
+    return spec.gather(slices, index)
 
 
 if __name__ == "__main__":
