@@ -3,6 +3,7 @@
 import os
 from pathlib import Path
 
+from ich.faults import ENV
 from ich.steps.preprocess import process_chunk
 
 
@@ -12,3 +13,12 @@ def crash_on_poison(paths, work_dir, windows, size):
     if any("poison" in Path(p).name for p in paths):
         os._exit(13)
     return process_chunk(paths, work_dir, windows, size)
+
+
+def set_faults(value):
+    """Set (or, with None, clear) the faults of this worker process; Client.run calls it on every
+    worker. A worker its nanny restarts gets the nanny's environment back."""
+    if value is None:
+        os.environ.pop(ENV, None)
+    else:
+        os.environ[ENV] = value

@@ -105,6 +105,33 @@ def test_transient_write_error_stops_and_records_nothing(source, tmp_path, monke
     assert victim not in set(pd.read_csv(work / FAILURES_CSV)["image_id"])
 
 
+def _png_folder_is_the_manifest(work: Path) -> None:
+    listed = {Path(p).name for p in pd.read_csv(work / IMAGES_CSV)["path"]}
+    assert {p.name for p in (work / "png").iterdir()} == listed   # dot-files included
+
+
+def test_png_folder_holds_exactly_what_images_csv_lists(source, tmp_path, monkeypatch):
+    """A writer killed with its temporary PNG open leaves nothing behind, and an image that fails
+    keeps no PNG of an earlier run."""
+    truth, good = source
+    killed, broken = good[4], good[9]
+    work = _work(tmp_path, truth)
+    monkeypatch.setenv(ENV, f"write:{killed}=crash")   # SIGSEGV with .<id>.png.<pid>.tmp.png open
+    preprocess.run(_cfg(work, 1))
+    reasons = dict(pd.read_csv(work / FAILURES_CSV)[["image_id", "reason"]].to_numpy())
+    assert reasons[killed] == "decoder crashed with signal 11 (SIGSEGV)"
+    _png_folder_is_the_manifest(work)
+    assert (work / "png" / f"{broken}.png").is_file()
+    # The DICOM of a converted image goes bad; everything is redone (--force): it fails now, and
+    # its PNG of the first run must not stay.
+    monkeypatch.delenv(ENV)
+    source_file = work / "dicom" / f"{broken}.dcm"
+    source_file.write_bytes(source_file.read_bytes()[:1000])
+    preprocess.run(_cfg(work, 1), force=True)
+    assert broken in set(pd.read_csv(work / FAILURES_CSV)["image_id"])
+    _png_folder_is_the_manifest(work)
+
+
 def test_killed_copy_temp_files_are_not_inputs(source, tmp_path):
     truth, good = source
     work = _work(tmp_path, truth)

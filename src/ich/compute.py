@@ -99,6 +99,12 @@ def machine_message(err: BaseException) -> str:
     return f"{words} ({detail}{': ' + str(name) if name else ''})"
 
 
+def timeout_reason(timeout_s: float) -> str:
+    """The failure of an item killed at its time limit: 'timed out after 60 s' (one wording for
+    the local pool and the Dask path, ich.distributed)."""
+    return f"timed out after {timeout_s:g} s"
+
+
 def map_files(fn: Callable[[Any], Any], items: Iterable[Any], workers: int = 1,
               timeout_s: float | None = None, initializer: Callable[[], None] | None = None,
               ordered: bool = False, scheduler: str | None = None) -> Iterator[Result]:
@@ -247,8 +253,7 @@ def _local(fn, items: list, workers: int, timeout_s: float | None, initializer,
                             and time.monotonic() - worker.head_since >= timeout_s):
                         index, item = worker.queue.popleft()
                         retire(worker)
-                        yield from finish(Result(index, item,
-                                                 failure=f"timed out after {timeout_s:g} s"))
+                        yield from finish(Result(index, item, failure=timeout_reason(timeout_s)))
                     continue
                 try:
                     while worker.conn.poll():

@@ -19,6 +19,26 @@ stops the map with ich.compute.TaskError, as the local pool does. Workers restar
 nanny (the default of `dask worker` and of every cluster manager); without one, each death
 leaves one worker fewer.
 
+The time limit (`timeout_s`, preprocess.file_timeout_s): a running Dask task cannot be
+interrupted, so the process that runs it is replaced. This process reads the scheduler's task
+lists (Client.processing) about once a second; a worker that holds a task of this map and has
+finished nothing for longer than that task's budget (a chunk: its files x the limit, so no chunk
+of files that each keep to the limit is cut short; a file alone: the limit) is overdue. Its
+tasks of this map are cancelled (so Dask does not rerun them elsewhere), the worker is
+restarted through its nanny (Client.restart_workers: the nanny asks it to stop and kills it
+after 4 s), a chunk is redone one file at a time, and a file that overran alone on its worker
+gets ich.compute.timeout_reason's failure ("timed out after 60 s", the local pool's words).
+Why so, and not a child process per file inside the task: Dask's worker processes are daemonic
+(distributed.worker.daemon), so multiprocessing may not start children there, and a fresh
+interpreter per task (subprocess) would cost more than the task's files; a stuck C decoder
+often holds the GIL, which freezes the worker's own threads (a watchdog, its event loop, its
+heartbeats) but not the scheduler, this process's clock or the nanny, a separate process.
+The price: a hang in a chunk is noticed after chunk size x limit, and a restart also stops the
+other tasks that worker holds (Dask reruns them, as after any worker death), so single-threaded
+workers on a cluster of its own suit it best (bench/slurm_preprocess.py starts those). A worker
+without a nanny cannot be restarted: the file still gets its failure and the run goes on, and
+the warning says that the hung thread stays until the worker is restarted by hand.
+
 Before any task, every worker proves it sees the same folders as this process: it reads a
 token file written here into each output folder (so a node-local /tmp of the same name is
 caught) and finds the first entries of each input folder. The dashboard address is logged.
@@ -27,20 +47,28 @@ Dask is an extra: pip install 'ich[dask]'.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
+import queue
+import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
-from ich.compute import TaskError, is_machine_error
+from ich.compute import TaskError, is_machine_error, timeout_reason
 from ich.errors import StepError
 
 log = logging.getLogger("ich")
 
 TOKEN_PREFIX = ".ich-dask-check-"
 _INPUT_SAMPLES = 3          # entries of each input folder a worker must find
+_POLL_S = 1.0               # how often the task lists are read, at most (a quarter of the limit if less)
+_RESTART_TIMEOUT_S = 60     # for a nanny to stop (killing it after 4 s) and restart its worker
+_FETCH_THREADS = 4          # results fetched at once (each waits while its worker is frozen)
 
 
 def local_cluster_size(workers: int) -> dict:
@@ -160,21 +188,23 @@ def map_files(fn: Callable, chunks: Sequence[list[str]], scheduler: str, args: t
               *, inputs: Iterable[str | Path] = (), outputs: Iterable[str | Path] = (),
               failure: Callable[[str, str], object] | None = None,
               init: Callable[[], None] | None = None, workers: int = 1,
-              client=None) -> Iterator[tuple[list[str], list]]:
+              timeout_s: float | None = None, client=None) -> Iterator[tuple[list[str], list]]:
     """Run `fn(chunk, *args)` for every chunk on the Dask cluster of `scheduler`, yielding
     (chunk, result) as each finishes, in any order.
 
     `fn` returns one item per file of its chunk (a list); `failure(path, reason)` makes the item
-    of a file that could not be done: a chunk whose task kills workers or raises is rerun one
-    file per task, one task at a time, and a file that fails alone gets `failure(path, reason)` (without `failure`,
-    StepError). A file whose task raises a failure of the machine (ich.compute.is_machine_error:
-    disk full, I/O error, out of memory) is no failure of the file: TaskError(path, error) stops
-    the map, as in the local pool. `init` runs once in every worker process (e.g. cv2.setNumThreads(1)); `inputs`
-    and `outputs` are checked first (check_folders). `workers` sizes a "local" cluster; `client`
-    reuses an open Client instead of connecting.
+    of a file that could not be done: a chunk whose task kills workers, raises or runs past its
+    time budget is rerun one file per task, one task at a time, and a file that fails alone gets
+    `failure(path, reason)` (without `failure`, StepError). `timeout_s` (None or <= 0: no limit)
+    is the time limit of one file: a chunk's task may run len(chunk) x timeout_s, a lone file's
+    timeout_s; past it the worker is restarted through its nanny and the reason is
+    ich.compute.timeout_reason's ("timed out after 60 s"). A file whose task raises a failure of
+    the machine (ich.compute.is_machine_error: disk full, I/O error, out of memory) is no
+    failure of the file: TaskError(path, error) stops the map, as in the local pool. `init` runs
+    once in every worker process (e.g. cv2.setNumThreads(1)); `inputs` and `outputs` are checked
+    first (check_folders). `workers` sizes a "local" cluster; `client` reuses an open Client
+    instead of connecting.
     """
-    from distributed import as_completed
-
     own = client is None
     if own:
         client = connect(scheduler, workers)
@@ -182,54 +212,7 @@ def map_files(fn: Callable, chunks: Sequence[list[str]], scheduler: str, args: t
         check_folders(client, inputs, outputs)
         if init is not None:
             client.register_plugin(InitPlugin(init), name=f"ich-init-{uuid.uuid4().hex[:8]}")
-        # pure=False: the same chunk submitted twice (a rerun) is a new task, never a cached result.
-        futures = {client.submit(fn, list(chunk), *args, pure=False): list(chunk) for chunk in chunks}
-        singles: dict = {}          # future of one file of a failed chunk -> (its chunk, index)
-        pending: dict = {}          # failed chunk id -> [results by file], None until known
-        waiting: deque = deque()    # (chunk, index) of files still to redo alone
-        queue = as_completed(list(futures))
-
-        def submit_next() -> None:
-            # One file at a time: a file that kills its worker must not take innocent tasks
-            # queued on that worker with it (Dask counts them suspicious, and after three such
-            # deaths gives up on them too).
-            if waiting and not singles:
-                chunk, index = waiting.popleft()
-                single = client.submit(fn, [chunk[index]], *args, pure=False)
-                singles[single] = (chunk, index)
-                queue.add(single)
-
-        for future in queue:
-            if future in futures:
-                chunk = futures.pop(future)
-                if future.status == "finished":
-                    yield chunk, future.result()
-                    continue
-                why = _reason(future)
-                log.warning("dask: a chunk of %d files failed (%s); redoing it one file at a time",
-                            len(chunk), why)
-                pending[id(chunk)] = [None] * len(chunk)
-                waiting.extend((chunk, index) for index in range(len(chunk)))
-                submit_next()
-                continue
-            chunk, index = singles.pop(future)
-            results = pending[id(chunk)]
-            if future.status == "finished":
-                results[index] = future.result()[0]
-            else:
-                err = future.exception()
-                if is_machine_error(err):
-                    # Disk full, I/O error, memory: the machine's fault, never the file's.
-                    raise TaskError(chunk[index], err) from err
-                why = _reason(future)
-                if failure is None:
-                    raise StepError(f"dask: {chunk[index]} failed: {why}")
-                log.warning("dask: %s failed on its own: %s", chunk[index], why)
-                results[index] = failure(chunk[index], why)
-            submit_next()
-            if all(r is not None for r in results):
-                del pending[id(chunk)]
-                yield chunk, results
+        yield from _Run(client, fn, args, failure, timeout_s or None).results(chunks)
     finally:
         if own:
             cluster = getattr(client, "cluster", None)
@@ -238,12 +221,233 @@ def map_files(fn: Callable, chunks: Sequence[list[str]], scheduler: str, args: t
                 cluster.close()
 
 
+@dataclass
+class _Task:
+    """One submitted task: a whole chunk (index None) or one file of it redone alone."""
+
+    future: Any
+    chunk: list[str]
+    index: int | None = None
+
+
+class _Run:
+    """The bookkeeping of one map_files call: its tasks, the chunks being redone file by file,
+    and the time limit."""
+
+    def __init__(self, client, fn: Callable, args: tuple, failure, timeout_s: float | None):
+        self.client, self.fn, self.args, self.failure, self.timeout_s = client, fn, args, failure, timeout_s
+        # Keys of our own choosing, so that Client.processing's lists can be read as our tasks.
+        self.tag = f"ich-{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex[:8]}"
+        self.count = itertools.count()
+        self.tasks: dict[str, _Task] = {}
+        self.done: queue.SimpleQueue = queue.SimpleQueue()   # (future, result) as they arrive
+        # Results are fetched in threads of their own: a result held by a worker that a stuck
+        # decoder froze cannot be fetched until that worker is restarted (Dask then recomputes
+        # it), and the loop that restarts it must not be the one waiting for it.
+        self.fetcher = ThreadPoolExecutor(_FETCH_THREADS, thread_name_prefix="ich-dask-fetch")
+        self.pending: dict[int, list] = {}   # id(chunk) being redone -> results by file, None until known
+        self.waiting: deque = deque()        # (chunk, index) of files still to redo alone
+        self.singles = 0                     # lone-file tasks in flight (at most one)
+        self.watch = Overdue() if timeout_s else None
+
+    def submit(self, chunk: list[str], index: int | None = None) -> None:
+        files = list(chunk) if index is None else [chunk[index]]
+        key = f"{self.tag}-{next(self.count)}"
+        future = self.client.submit(self.fn, files, *self.args, key=key, pure=False)
+        self.tasks[key] = _Task(future, chunk, index)
+        if index is not None:
+            self.singles += 1
+        future.add_done_callback(lambda done: self.fetcher.submit(self.fetch, done))
+
+    def fetch(self, future) -> None:
+        try:
+            self.done.put((future, future.result()))
+        except BaseException:  # noqa: BLE001 - failed or cancelled: finished() reads its status
+            self.done.put((future, None))
+
+    def budget(self, key: str) -> float | None:
+        """Seconds the task of `key` may run (None: not a task of this map)."""
+        task = self.tasks.get(key)
+        if task is None:
+            return None
+        return self.timeout_s * (len(task.chunk) if task.index is None else 1)
+
+    def results(self, chunks: Sequence[list[str]]) -> Iterator[tuple[list[str], list]]:
+        try:
+            yield from self._results(chunks)
+        finally:
+            self.fetcher.shutdown(wait=False, cancel_futures=True)
+
+    def _results(self, chunks: Sequence[list[str]]) -> Iterator[tuple[list[str], list]]:
+        for chunk in chunks:
+            self.submit(list(chunk))
+        poll_s = min(_POLL_S, self.timeout_s / 4) if self.timeout_s else None
+        next_look = time.monotonic() + (poll_s or 0.0)
+        while self.tasks:
+            try:
+                wait_s = None if poll_s is None else max(0.0, next_look - time.monotonic())
+                future, value = self.done.get(timeout=wait_s)
+            except queue.Empty:
+                future = value = None
+            task = self.tasks.get(future.key) if future is not None else None
+            if task is not None and task.future is future:   # not one cancelled at its limit
+                del self.tasks[future.key]
+                yield from self.finished(task, value)
+            if poll_s is not None and time.monotonic() >= next_look:
+                yield from self.look()
+                next_look = time.monotonic() + poll_s
+
+    def finished(self, task: _Task, value) -> Iterator[tuple[list[str], list]]:
+        future = task.future
+        if task.index is None:
+            if value is not None:
+                yield task.chunk, value
+            else:
+                log.warning("dask: a chunk of %d files failed (%s); redoing it one file at a time",
+                            len(task.chunk), _reason(future))
+                self.redo(task.chunk)
+            return
+        self.singles -= 1
+        if value is not None:
+            yield from self.settle(task, value[0])
+            return
+        err = future.exception() if future.status == "error" else None
+        if err is not None and is_machine_error(err):
+            # Disk full, I/O error, memory: the machine's fault, never the file's.
+            raise TaskError(task.chunk[task.index], err) from err
+        yield from self.settle(task, self.fail(task.chunk[task.index], _reason(future)))
+
+    def redo(self, chunk: list[str]) -> None:
+        """Redo `chunk` one file at a time."""
+        self.pending[id(chunk)] = [None] * len(chunk)
+        self.waiting.extend((chunk, index) for index in range(len(chunk)))
+        self.submit_next()
+
+    def submit_next(self) -> None:
+        # One file at a time: a file that kills its worker must not take innocent tasks
+        # queued on that worker with it (Dask counts them suspicious, and after three such
+        # deaths gives up on them too).
+        if self.waiting and not self.singles:
+            self.submit(*self.waiting.popleft())
+
+    def fail(self, path: str, why: str):
+        """The item of a file that failed alone (StepError without a `failure` function)."""
+        if self.failure is None:
+            raise StepError(f"dask: {path} failed: {why}")
+        log.warning("dask: %s failed on its own: %s", os.path.basename(path), why)
+        return self.failure(path, why)
+
+    def settle(self, task: _Task, item) -> Iterator[tuple[list[str], list]]:
+        """Record one redone file's item; yield its chunk once every file of it is known."""
+        results = self.pending[id(task.chunk)]
+        results[task.index] = item
+        self.submit_next()
+        if all(r is not None for r in results):
+            del self.pending[id(task.chunk)]
+            yield task.chunk, results
+
+    def look(self) -> Iterator[tuple[list[str], list]]:
+        """Restart every worker that holds a task of ours past its budget; redo or fail those."""
+        try:
+            processing = self.client.processing()
+        except (OSError, TimeoutError) as err:   # the scheduler busy or away: look again later
+            log.debug("dask: no task list from the scheduler (%s)", err)
+            return
+        for worker, keys, alone in self.watch.check(processing, self.budget, time.monotonic()):
+            tasks = [self.tasks.pop(key) for key in keys]
+            # Cancelled first, so that Dask does not rerun them elsewhere when the worker goes.
+            self.client.cancel([task.future for task in tasks])
+            log.warning("dask: worker %s ran past the time limit (%s); restarting it", worker,
+                        ", ".join(_describe(task, self.timeout_s) for task in tasks))
+            _restart(self.client, worker)
+            why = timeout_reason(self.timeout_s)
+            for task in tasks:
+                if task.index is None and alone and len(task.chunk) == 1:
+                    yield task.chunk, [self.fail(task.chunk[0], why)]   # a chunk of one is its file
+                elif task.index is None:
+                    self.redo(task.chunk)
+                else:
+                    self.singles -= 1
+                    if alone:
+                        yield from self.settle(task, self.fail(task.chunk[task.index], why))
+                    else:
+                        # Perhaps only queued behind the task that hung: again, unblamed.
+                        self.waiting.appendleft((task.chunk, task.index))
+            self.submit_next()
+
+
+class Overdue:
+    """Which workers hold tasks past their time budget, judged from the scheduler's task lists
+    (Client.processing) and this process's clock alone, so that a worker a stuck decoder froze
+    (the GIL held: no heartbeat, no event loop) is caught like any other.
+
+    A worker progresses when a task leaves its list; it is overdue when it holds a task of ours
+    and none has left it for longer than the largest budget among ours there. Which of its tasks
+    was running is known only when it holds one ("alone"); the caller blames a file only then.
+    """
+
+    def __init__(self):
+        self._since: dict[str, tuple[float, frozenset]] = {}   # worker -> (last progress, its keys)
+
+    def check(self, processing: dict[str, list], budget: Callable[[str], float | None],
+              now: float) -> list[tuple[str, list[str], bool]]:
+        """(worker, our keys on it, whether that one key is all it holds) for every overdue worker.
+
+        `processing`: worker -> the keys it holds (Client.processing()); `budget(key)`: seconds
+        a task of ours may run, None for any other key; `now`: time.monotonic(), the clock of
+        every call. A worker seen for the first time starts its count now.
+        """
+        overdue, since = [], {}
+        for worker, keys in processing.items():
+            keys = frozenset(keys)
+            ours = {key: budget(key) for key in keys}
+            ours = {key: b for key, b in ours.items() if b is not None}
+            if not ours:
+                continue
+            start, before = self._since.get(worker, (now, keys))
+            if before - keys:   # a task left it since the last look
+                start = now
+            since[worker] = (start, keys)
+            if now - start > max(ours.values()):
+                overdue.append((worker, sorted(ours), len(keys) == 1))
+        self._since = since
+        return overdue
+
+
+def _describe(task: _Task, timeout_s: float) -> str:
+    if task.index is None:
+        return (f"a chunk of {len(task.chunk)} files over {len(task.chunk)} x {timeout_s:g} s, "
+                f"redone one file at a time")
+    return f"{os.path.basename(task.chunk[task.index])} over {timeout_s:g} s"
+
+
+def _restart(client, worker: str) -> None:
+    """Restart `worker` through its nanny, which kills the process if it does not stop (a thread
+    cannot be interrupted, and a stuck decoder may hold the GIL)."""
+    try:
+        status = client.restart_workers([worker], timeout=_RESTART_TIMEOUT_S, raise_for_error=False)
+    except ValueError:   # no nanny: Dask cannot restart it
+        log.warning("dask: worker %s has no nanny, so it cannot be restarted: the task that ran "
+                    "past its limit keeps one of its threads until the worker is restarted by "
+                    "hand (`dask worker` starts a nanny unless told --no-nanny)", worker)
+        return
+    except (OSError, TimeoutError) as err:
+        log.warning("dask: restarting worker %s failed (%s)", worker, err)
+        return
+    if any(value != "OK" for value in status.values()):
+        log.warning("dask: restarting worker %s: %s", worker, status)
+
+
 def _reason(future) -> str:
     """A failure reason for a failed task: a worker death or the exception it raised."""
     from distributed import KilledWorker
 
+    if future.status == "cancelled":
+        return "the task was cancelled by the cluster"
+    if future.status != "error":
+        return "its result could not be fetched"
     err = future.exception()
     if isinstance(err, KilledWorker):
-        return ("the worker process died while converting it (a crash in a decoder, or out of "
-                "memory), on every worker that tried")
-    return f"{type(err).__name__}: {err}"
+        return ("crashed its worker process on every worker that tried (a segfault, or out of "
+                "memory)")
+    return f"raised {type(err).__name__}: {err}"

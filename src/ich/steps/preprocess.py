@@ -13,13 +13,18 @@ Isolation: every file is converted in a worker process (ich.compute, whatever
 preprocess.workers is), so a decoder that segfaults, is killed for memory or hangs past
 preprocess.file_timeout_s costs only that file: it is listed in failures.csv ("decoder crashed
 with signal 11 (SIGSEGV)", "decoder timed out after 60 s"), as is a file over
-preprocess.max_file_mb, and the run goes on. Failures are remembered: a rerun does not try those
+preprocess.max_file_mb, and the run goes on. On Dask the same holds with the same reasons
+("decoder timed out after 60 s"): a worker past its budget is restarted through its nanny and
+the file named (ich.distributed: a chunk may run chunk_size x the limit, then its files are
+redone one at a time). Failures are remembered: a rerun does not try those
 files again unless preprocess.retry_failed (`--retry-failed`). A failure of the machine (disk
 full, I/O error, too many open files, out of memory) is not the image's fault: the step stops
 with a message naming it, and nothing is recorded against the image.
 
 Resume: workers write each PNG under a temporary name and rename it, so no half PNG ever
-exists. The parent appends finished rows to the journal (work/.preprocess/parts/, one fsync'd
+exists; png/ holds exactly the PNGs images.csv lists (the temporary PNGs of killed writers are
+removed when the step ends, and a failed image's PNG from an earlier attempt goes with its
+failure row). The parent appends finished rows to the journal (work/.preprocess/parts/, one fsync'd
 file per chunk_size rows or few seconds, written atomically); a run killed even with SIGKILL
 restarts from the journal, redoing only images not yet journalled. At the end the journal is
 consolidated (deduplicated, sorted) into images.csv and failures.csv by a streaming merge
@@ -44,7 +49,7 @@ from typing import Iterator
 
 import numpy as np
 
-from ich import journal
+from ich import faults, journal
 from ich.compute import TaskError, WorkerStartError, is_machine_error, machine_message, map_files
 from ich.errors import StepError
 from ich.config import resolve_workers
@@ -112,20 +117,20 @@ def run(cfg: dict, force: bool = False) -> Path:
             log.info("preprocess: redoing every image (%s)", changed)
         _reset(work, journal_dir, stamp, pixels)
     png_dir.mkdir(parents=True, exist_ok=True)
-    # Temporary PNGs of a killed run, found by a streamed listing (Path.glob lists the whole
-    # folder into memory first: 150 MB of entries at RSNA's size).
-    with os.scandir(png_dir) as entries:
-        leftovers = [entry.path for entry in entries
-                     if entry.name.startswith(".") and entry.name.endswith(".tmp.png")]
-    for leftover in leftovers:
-        Path(leftover).unlink(missing_ok=True)
+    remove_temporary_pngs(png_dir)   # those of a run killed mid-write
 
     done = np.zeros(len(ids), dtype=bool)
     for position, row in _usable_rows(work, journal_dir, ids):
         done[position] = not (retry and row["reason"])
     todo = [os.path.join(source_dir, f"{os.fsdecode(image_id)}.dcm") for image_id in ids[~done]]
     timer = Timer()
-    counts = _process(todo, work, journal_dir, settings(cfg), pp, cfg["compute"]["scheduler"])
+    try:
+        counts = _process(todo, work, journal_dir, settings(cfg), pp, cfg["compute"]["scheduler"])
+    finally:
+        # A worker killed between opening and renaming its temporary PNG (a crash, an
+        # out-of-memory kill, a time limit, a Dask nanny restart) leaves it behind: png/ must
+        # hold exactly the PNGs the manifest lists, not those too.
+        remove_temporary_pngs(png_dir)
     n_ok = _consolidate(work, journal_dir, ids, images_csv, failures_csv)
     line = summary("preprocess", f"{counts['ok']:,} ok, {counts['failed']:,} failed, "
                    f"{len(ids) - len(todo):,} already done; {n_ok:,} of {len(ids):,} images "
@@ -154,6 +159,18 @@ def dicom_ids(folder: Path) -> np.ndarray:
     return ids
 
 
+def remove_temporary_pngs(png_dir: Path) -> int:
+    """Delete the temporary PNGs (`.<image_id>.png.<pid>.tmp.png`) of writers that were killed
+    mid-write; return how many. A streamed listing: Path.glob would list the whole folder into
+    memory first (150 MB of entries at RSNA's size)."""
+    with os.scandir(png_dir) as entries:
+        leftovers = [entry.path for entry in entries
+                     if entry.name.startswith(".") and entry.name.endswith(".tmp.png")]
+    for leftover in leftovers:
+        Path(leftover).unlink(missing_ok=True)
+    return len(leftovers)
+
+
 def convert_file(path: str, work_dir: str, windows: list[tuple[float, float]], size: int,
                  max_bytes: int | None = None) -> dict:
     """Convert one DICOM file to a PNG under work_dir/png/; return its journal row.
@@ -164,7 +181,6 @@ def convert_file(path: str, work_dir: str, windows: list[tuple[float, float]], s
     """
     import cv2
 
-    from ich import faults
     from ich.compute import is_machine_error
     from ich.data.dicom import DicomError, read_hu
     from ich.data.windowing import hu_to_rgb
@@ -177,7 +193,6 @@ def convert_file(path: str, work_dir: str, windows: list[tuple[float, float]], s
         ok, png = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), _png_params(cv2))
         if not ok:
             raise ValueError("PNG encoding failed")
-        faults.check("write", image_id)
         _write_png(work / PNG_DIR / f"{image_id}.png", png)
     except Exception as err:  # noqa: BLE001 - one bad image must never stop the others
         if is_machine_error(err):
@@ -200,13 +215,18 @@ def _write_png(path: Path, data) -> None:
     """Write atomically under a per-process temporary name, then rename.
 
     Cheaper than ich.io.atomic_write_bytes (mkstemp) per image, and safe: one process at a
-    time writes a given image. Leftovers of a killed run match `.*.tmp.png` and are removed
-    at the next start.
+    time writes a given image. Leftovers of a killed writer match `.*.tmp.png` and are removed
+    when the step ends (remove_temporary_pngs), and at the next start after a killed step.
     """
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            faults.check("write", path.stem)   # tests: a disk that fills, a kill mid-write
+            handle.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)   # a failed write leaves nothing; a kill is cleaned up at the end
+        raise
 
 
 def journal_ids(work_dir: str | Path) -> set[str]:
@@ -273,8 +293,10 @@ def _process(todo: list[str], work: Path, journal_dir: Path, settings: dict, pp:
 
 def _results(todo: list[str], work: Path, settings: dict, pp: dict,
              scheduler: str | None) -> Iterator[dict]:
-    """Every file's journal row as it finishes, from the local pool (one file per task, with
-    the per-file time limit) or from a Dask cluster (chunk_size files per task)."""
+    """Every file's journal row as it finishes, from the local pool (one file per task) or from
+    a Dask cluster (chunk_size files per task), both with the per-file time limit; a file that
+    crashed or hung its worker gets the same reason wording from both ("decoder timed out
+    after 60 s")."""
     workers = min(max(1, resolve_workers(pp["workers"])), len(todo))
     max_mb = pp.get("max_file_mb")
     windows = [(float(c), float(w)) for _, c, w in settings["windows"]]
@@ -287,8 +309,8 @@ def _results(todo: list[str], work: Path, settings: dict, pp: dict,
         for _, rows in distributed.map_files(
                 process_chunk, chunks, scheduler, (str(work), windows, settings["image_size"], max_bytes),
                 inputs=[work / DICOM_DIR], outputs=[work / PNG_DIR],
-                failure=lambda path, why: _failure(Path(path).stem, Path(path), work, why),
-                init=_init_worker, workers=workers):
+                failure=lambda path, why: _failure(Path(path).stem, Path(path), work, f"decoder {why}"),
+                init=_init_worker, workers=workers, timeout_s=pp.get("file_timeout_s")):
             yield from rows
         return
     convert = functools.partial(convert_file, work_dir=str(work), windows=windows,
@@ -318,6 +340,11 @@ def _png_params(cv2) -> list[int]:
 
 
 def _failure(image_id: str, source: Path, work: Path, reason: str) -> dict:
+    """The journal row of an image that could not be converted. A failed image has no PNG: one
+    left by an attempt cut short after its write (killed at its time limit just as it finished,
+    a Dask task cancelled while it wrote) or made under earlier pixel settings is removed, so
+    that png/ holds what images.csv lists."""
+    (work / PNG_DIR / f"{image_id}.png").unlink(missing_ok=True)
     row = dict.fromkeys(IMAGE_COLUMNS, "")
     row.update(image_id=image_id, path=_relative(source, work),
                reason=reason.replace("\n", " ") or "unknown error")
