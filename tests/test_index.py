@@ -14,6 +14,7 @@ from ich import config as config_mod
 from ich.data.index import (dataset_values, group_for_predict, header_row, neighbours, orientation_class,
                             rank_series, read_header)
 from ich.steps import index as index_step
+from ich.steps import index_consolidation as consolidation
 from ich.synth.storage import SliceTags, Storage, build_dataset, encode, write
 
 TILT = math.radians(30.0)
@@ -295,7 +296,7 @@ def _pandas_consolidation(work, journal_dir, seen, out, failures_csv):
     frames = []
     if out.is_file():
         frames.append(pd.read_parquet(out).assign(reason=""))
-    old_failures = list(journal.read_rows(failures_csv, index_step._JOURNAL_COLUMNS))
+    old_failures = list(journal.read_rows(failures_csv, consolidation.JOURNAL_COLUMNS))
     if old_failures:
         frames.append(pd.DataFrame(old_failures))
     for part in journal.parts(journal_dir):
@@ -314,17 +315,17 @@ def _pandas_consolidation(work, journal_dir, seen, out, failures_csv):
         extra["reason"] = [f"duplicate image id (also {first[i]})" for i in extra["image_id"]]
         bad = pd.concat([bad, extra], ignore_index=True)
         good = good[~dup]
-    good = good[list(index_step.INDEX_COLUMNS)].copy()
-    for column in index_step.INDEX_COLUMNS:
-        if column in index_step._FLOAT_COLUMNS:
+    good = good[list(consolidation.INDEX_COLUMNS)].copy()
+    for column in consolidation.INDEX_COLUMNS:
+        if column in consolidation.FLOAT_COLUMNS:
             good[column] = pd.to_numeric(good[column], errors="coerce").astype("float64")
-        elif column in index_step._INT_COLUMNS:
+        elif column in consolidation.INT_COLUMNS:
             good[column] = pd.to_numeric(good[column], errors="coerce").fillna(0).astype("int32")
         else:
             good[column] = good[column].fillna("").astype(str)
     good = rank_series(good).sort_values("image_id", ignore_index=True)
     good.to_parquet(out, index=False)
-    journal.write_rows(failures_csv, index_step.FAILURE_COLUMNS, bad.sort_values("file").to_dict("records"))
+    journal.write_rows(failures_csv, consolidation.FAILURE_COLUMNS, bad.sort_values("file").to_dict("records"))
     journal.reset(journal_dir)
     return len(good), len(bad), int(good.loc[good["series_id"] != "", "series_id"].nunique())
 
@@ -353,11 +354,11 @@ def _random_journal(work, rng, n_files=400, rounds=3):
                          "normal_z": "1.0", "position": position, "rows": "512", "columns": str(rng.integers(500, 520)),
                          "pixel_spacing": repr(0.488 + rng.random() / 1000), "rank": "-1", "series_size": "0", "reason": ""})
         for seq, start in enumerate(range(0, len(rows), 64)):
-            journal.write_part(journal_dir, f"{round_:020d}-{seq:07d}", index_step._JOURNAL_COLUMNS,
+            journal.write_part(journal_dir, f"{round_:020d}-{seq:07d}", consolidation.JOURNAL_COLUMNS,
                                rows[start:start + 64], "file")
         if round_ < rounds - 1:
             seen = np.unique(np.array([f.encode() for f in files]))
-            index_step._consolidate(work, journal_dir, seen, work / "index.parquet", work / "index_failures.csv")
+            consolidation.consolidate(work, journal_dir, seen, work / "index.parquet", work / "index_failures.csv")
     return files
 
 
@@ -371,7 +372,10 @@ def test_columnar_consolidation_gives_the_pandas_consolidations_rows(tmp_path):
         shutil.copytree(work_a, work_b)
         still = [f for f in files if not f.endswith("7.dcm")]   # some files gone since
         seen = np.unique(np.array([f.encode() for f in still]))
-        new = index_step._consolidate(work_a, work_a / ".index", seen, work_a / "index.parquet",
+        # The column store a killed consolidation left behind is rebuilt, then removed.
+        (work_a / ".index" / consolidation.SCRATCH).mkdir()
+        (work_a / ".index" / consolidation.SCRATCH / "file.arrow").write_bytes(b"half a file")
+        new = consolidation.consolidate(work_a, work_a / ".index", seen, work_a / "index.parquet",
                                       work_a / "index_failures.csv")
         old = _pandas_consolidation(work_b, work_b / ".index", set(still), work_b / "index.parquet",
                                     work_b / "index_failures.csv")
@@ -380,3 +384,4 @@ def test_columnar_consolidation_gives_the_pandas_consolidations_rows(tmp_path):
                                       pd.read_parquet(work_b / "index.parquet"))
         assert (work_a / "index_failures.csv").read_bytes() == (work_b / "index_failures.csv").read_bytes()
         assert "duplicate image id" in (work_a / "index_failures.csv").read_text()
+        assert not (work_a / ".index" / consolidation.SCRATCH).exists()

@@ -71,3 +71,16 @@ def test_formula_cells_are_escaped_on_disk_and_read_back_as_they_were(tmp_path):
     journal.write_rows(tmp_path / "j.csv", ["patient_id"], [{"patient_id": v} for v in TRICKY])
     assert "\n=" not in (tmp_path / "j.csv").read_text()
     assert [row["patient_id"] for row in journal.read_rows(tmp_path / "j.csv", ["patient_id"])] == TRICKY
+
+
+def test_arrow_columns_without_an_escaped_cell_are_kept_as_they_are(tmp_path):
+    """read_arrow_cells copies only the columns that hold an escaped cell."""
+    import pyarrow as pa
+
+    from ich import io
+
+    table = pa.table({"plain": ["ID_1", "-1.5", None], "escaped": ["ID_1", "'=x", None], "n": [1, 2, 3]})
+    back = io.read_arrow_cells(table)
+    assert back["plain"].chunks[0].buffers()[2].address == table["plain"].chunks[0].buffers()[2].address
+    assert back["escaped"].to_pylist() == ["ID_1", "=x", None]
+    assert back["plain"].to_pylist() == ["ID_1", "-1.5", None]

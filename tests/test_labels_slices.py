@@ -68,3 +68,26 @@ def test_read_wide_streams_the_csv_into_the_same_table(tmp_path, monkeypatch, bl
     csv.write_text("ID,Label\n")
     wide, rows, duplicates = labels.read_wide(csv)
     assert (len(wide), rows, duplicates) == (0, 0, 0) and list(wide.columns) == ["image_id", *LABELS]
+
+
+@pytest.mark.parametrize("block_bytes", [7, 64, 1 << 24])
+def test_read_wide_cuts_blocks_at_line_ends_whatever_the_file_looks_like(tmp_path, monkeypatch, block_bytes):
+    """Blocks cut by hand at line ends: Windows line ends, a byte-order mark, an extra column
+    before ID and no line end after the last row give the table of the whole file."""
+    import pandas as pd
+
+    monkeypatch.setattr(labels, "_BLOCK_BYTES", block_bytes)
+    csv = tmp_path / "train.csv"
+    body = "".join(f"x{k},{i},{v}\r\n" for k, (i, v) in enumerate(ROWS * 3))
+    csv.write_bytes(("\ufeffextra,ID,Label\r\n" + body).rstrip("\r\n").encode())
+    wide, rows, duplicates = labels.read_wide(csv)
+    plain = tmp_path / "plain.csv"
+    plain.write_text("ID,Label\n" + "".join(f"{i},{v}\n" for i, v in ROWS * 3))
+    pd.testing.assert_frame_equal(wide, labels.read_wide(plain)[0])
+    assert (rows, duplicates) == (len(ROWS) * 3, len(ROWS) * 3 - 18)
+    csv.write_bytes(b"")
+    with pytest.raises(labels.LabelError, match="empty file"):
+        labels.read_wide(csv)
+    csv.write_text("ID,Lable\nID_00a_any,1\n")
+    with pytest.raises(labels.LabelError, match="expected an RSNA CSV with columns ID,Label"):
+        labels.read_wide(csv)

@@ -35,7 +35,7 @@ def test_rare_label_reaches_every_split():
     patients, labels = random_dataset()
     splits = assign_splits(patients, labels, (0.8, 0.1, 0.1), seed=0)
     frame = pd.DataFrame(labels, columns=list("abcdef")).assign(split=splits, patient_id=patients)
-    table = split_summary(frame, list("abcdef")).set_index("split")
+    table = split_summary(splits, patients, labels, list("abcdef")).set_index("split")
     # Patient-level positives of the rare label split close to 80/10/10.
     rare = frame[frame.b == 1].drop_duplicates("patient_id")["split"].value_counts(normalize=True)
     assert rare["val"] == pytest.approx(0.1, abs=0.04) and rare["test"] == pytest.approx(0.1, abs=0.04)
@@ -115,18 +115,29 @@ def test_patient_codes_give_the_groupby_matrix_in_the_same_patient_order():
     np.testing.assert_array_equal(matrix, ref_matrix)
 
 
-def test_split_step_writes_what_the_pandas_merge_wrote(tmp_path):
-    """Old and new split step on a small, awkward set (unlabelled images, context rows, images
-    out of order, a missing study id, formula-like ids): the same splits.csv, byte for byte."""
-    from ich import config as config_mod
+def _pandas_split(work, cfg, out):
+    """The split step as it was before issue 11: pandas reads, merge, dict map."""
     from ich.constants import LABELS
     from ich.io import write_csv
-    from ich.steps import split as split_step
 
-    rng = np.random.default_rng(7)
-    work = tmp_path / "work"
+    images = pd.read_csv(work / "images.csv", usecols=["image_id", "patient_id", "study_id"], dtype=str)
+    labels = pd.read_csv(work / "sampled.csv", dtype={"image_id": str})
+    frame = images.merge(labels, on="image_id", how="inner", validate="one_to_one")
+    targets = frame[frame["target"] == 1]
+    assigned = assign_splits(targets["patient_id"], targets[list(LABELS)].to_numpy(),
+                             tuple(cfg["split"]["fractions"]), cfg["seed"])
+    frame["split"] = frame["patient_id"].map(dict(zip(targets["patient_id"], assigned)))
+    frame = frame[frame["split"].notna()]
+    frame = frame[["image_id", "split", "patient_id", "study_id", *LABELS, "target"]].sort_values("image_id")
+    write_csv(frame, out)
+
+
+def _split_inputs(work, rng, n=300):
+    """images.csv and the sampled table (not written) of a small, awkward set: unlabelled
+    images, context rows, images out of order, a missing study id, formula-like ids."""
+    from ich.constants import LABELS
+
     work.mkdir()
-    n = 300
     ids = [f"ID_{k:05x}" for k in rng.permutation(n)]
     images = pd.DataFrame({"image_id": ids, "patient_id": [f"ID_p{k % 40}" for k in range(n)],
                            "study_id": [f"ID_s{k % 55}" if k % 50 else "" for k in range(n)],
@@ -138,20 +149,64 @@ def test_split_step_writes_what_the_pandas_merge_wrote(tmp_path):
         sampled[label] = rng.integers(0, 2, len(sampled)).astype(np.int8)
     sampled["target"] = (rng.random(len(sampled)) < 0.8).astype(np.int8)
     sampled.loc[3, "target"] = 1   # the patient "-p3" has a target
+    return sampled
+
+
+def test_split_step_writes_what_the_pandas_merge_wrote(tmp_path):
+    """Old and new split step on a small, awkward set: the same splits.csv, byte for byte."""
+    from ich import config as config_mod
+    from ich.io import write_csv
+    from ich.steps import split as split_step
+
+    work = tmp_path / "work"
+    sampled = _split_inputs(work, np.random.default_rng(7))
     write_csv(sampled.sort_values("image_id"), work / "sampled.csv")
     cfg = config_mod.load(None, [f"paths.work_dir={work}"])
     split_step.run(cfg, force=True)
-
-    # The step as it was: pandas reads, merge, dict map.
-    images = pd.read_csv(work / "images.csv", usecols=["image_id", "patient_id", "study_id"], dtype=str)
-    labels = pd.read_csv(work / "sampled.csv", dtype={"image_id": str})
-    frame = images.merge(labels, on="image_id", how="inner", validate="one_to_one")
-    targets = frame[frame["target"] == 1]
-    assigned = assign_splits(targets["patient_id"], targets[list(LABELS)].to_numpy(),
-                             tuple(cfg["split"]["fractions"]), cfg["seed"])
-    frame["split"] = frame["patient_id"].map(dict(zip(targets["patient_id"], assigned)))
-    frame = frame[frame["split"].notna()]
-    frame = frame[["image_id", "split", "patient_id", "study_id", *LABELS, "target"]].sort_values("image_id")
-    write_csv(frame, tmp_path / "reference.csv")
+    _pandas_split(work, cfg, tmp_path / "reference.csv")
     assert (work / "splits.csv").read_bytes() == (tmp_path / "reference.csv").read_bytes()
     assert ",'-p3," in (work / "splits.csv").read_text()   # a formula-like id is escaped (ich.io.safe_cell)
+
+
+def test_split_step_keeps_labels_that_are_not_small_integers(tmp_path):
+    """Label cells that int8 cannot hold (300 in a context row, 0.5 in another) send the read
+    back to inferred types: the values are written as pandas wrote them (0.5, 1.0, 300)."""
+    from ich import config as config_mod
+    from ich.io import write_csv
+    from ich.steps import split as split_step
+
+    work = tmp_path / "work"
+    sampled = _split_inputs(work, np.random.default_rng(8))
+    context = sampled.index[sampled["target"] == 0]
+    sampled["epidural"] = sampled["epidural"].astype(np.int64)
+    sampled.loc[context[0], "epidural"] = 300
+    sampled["subdural"] = sampled["subdural"].astype(np.float64)
+    sampled.loc[context[1], "subdural"] = 0.5
+    write_csv(sampled, work / "sampled.csv")
+    cfg = config_mod.load(None, [f"paths.work_dir={work}"])
+    split_step.run(cfg, force=True)
+    _pandas_split(work, cfg, tmp_path / "reference.csv")
+    written = (work / "splits.csv").read_text()
+    assert written == (tmp_path / "reference.csv").read_text()
+    assert ",300," in written and ",0.5," in written and ",1.0," in written
+
+
+def test_split_step_names_a_missing_label_column_and_an_empty_image_id(tmp_path):
+    from ich import config as config_mod
+    from ich.errors import StepError
+    from ich.io import write_csv
+    from ich.steps import split as split_step
+
+    work = tmp_path / "work"
+    sampled = _split_inputs(work, np.random.default_rng(9))
+    cfg = config_mod.load(None, [f"paths.work_dir={work}"])
+    write_csv(sampled.drop(columns="subarachnoid"), work / "sampled.csv")
+    with pytest.raises(StepError, match="sampled.csv has no column subarachnoid"):
+        split_step.run(cfg, force=True)
+    sampled.loc[5, "image_id"] = ""
+    write_csv(sampled, work / "sampled.csv")
+    with pytest.raises(StepError, match="sampled.csv: empty image_id in data row 6"):
+        split_step.run(cfg, force=True)
+    write_csv(pd.concat([sampled.iloc[6:], sampled.iloc[6:7]]), work / "sampled.csv")
+    with pytest.raises(StepError, match="sampled.csv lists an image_id more than once"):
+        split_step.run(cfg, force=True)

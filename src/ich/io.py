@@ -14,7 +14,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Iterable, Iterator
 
 log = logging.getLogger("ich")
 
@@ -141,7 +141,10 @@ def read_arrow_cells(table):
         if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
             column = table.column(i)
             escaped = pc.match_substring_regex(column, "^'[=+\\-@\t\r']")
-            table = table.set_column(i, field.name, pc.if_else(escaped, pc.utf8_slice_codeunits(column, 1), column))
+            # Escaped cells are rare (ids are not formulas): a column without one is kept as
+            # it is, not copied (issue 11: a copy of a 752,803-row id column is 15 MB).
+            if pc.any(escaped).as_py():
+                table = table.set_column(i, field.name, pc.if_else(escaped, pc.utf8_slice_codeunits(column, 1), column))
     return table
 
 
@@ -154,11 +157,19 @@ def write_csv(df, path: str | Path) -> Path:
 
     In blocks of CSV_BLOCK_ROWS rows (the same bytes as one to_csv call), so that a table of
     752,803 rows is never copied whole for the escaping."""
+    return write_csv_blocks((df.iloc[start:start + CSV_BLOCK_ROWS]
+                             for start in range(0, max(len(df), 1), CSV_BLOCK_ROWS)), path)
+
+
+def write_csv_blocks(frames: Iterable, path: str | Path) -> Path:
+    """Write pandas DataFrames of the same columns, one after the other, as one CSV atomically
+    (no index column, the header once, formulas escaped): the bytes of write_csv on their
+    concatenation, for a step that makes its table a block at a time. At least one frame
+    (maybe empty), or the file is left empty."""
     with atomic_path(path) as tmp:
         with open(tmp, "w", newline="") as handle:
-            for start in range(0, max(len(df), 1), CSV_BLOCK_ROWS):
-                escape_formulas(df.iloc[start:start + CSV_BLOCK_ROWS]).to_csv(
-                    handle, index=False, header=start == 0)
+            for n, frame in enumerate(frames):
+                escape_formulas(frame).to_csv(handle, index=False, header=n == 0)
     return Path(path)
 
 

@@ -4,12 +4,14 @@ In: `stage_2_train.csv` (`ID,Label`, IDs `ID_<hex>_<subtype>`, six rows per imag
 Out: a wide DataFrame, one row per image: `image_id` + LABELS (int8 0/1), sorted by image_id;
 and a balanced sample of it.
 
-The full RSNA CSV has 4.5 million rows: parsing goes through pyarrow (multi-threaded CSV reader,
-vectorised string kernels) and numpy, never a Python loop per row, so it takes seconds.
+The full RSNA CSV has 4.5 million rows: parsing goes through pyarrow (its CSV reader on blocks
+of the file, vectorised string kernels) and numpy, never a Python loop per row, so it takes
+seconds.
 """
 
 from __future__ import annotations
 
+import csv
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +21,14 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 
 from ich.constants import LABELS, RSNA_ORDER, SUBTYPES
+from ich.data.arrays import name_bytes, sorted_unique
 
 _ID_PATTERN = r"^(?P<image_id>ID_[0-9a-fA-F]+)_(?P<subtype>[a-z]+)$"
 # Rows parsed at a time by long_to_wide: the parsed strings of one slice are all it holds at once.
 _SLICE_ROWS = 500_000
-# Bytes of CSV per record batch when read_wide streams the file (about 600,000 RSNA rows).
-_BLOCK_BYTES = 16 * 2 ** 20
+# Bytes of CSV parsed at a time by read_wide (about 150,000 RSNA rows): the parsed strings of
+# one block are all it holds of the file at once.
+_BLOCK_BYTES = 4 * 2 ** 20
 
 
 class LabelError(ValueError):
@@ -60,23 +64,30 @@ def long_to_wide(table: pa.Table, source: str = "labels CSV") -> pd.DataFrame:
 
 
 def read_wide(path: str | Path) -> tuple[pd.DataFrame, int, int]:
-    """`long_to_wide` of the RSNA CSV at `path`, read as a stream of record batches (the CSV's
-    Arrow table, 160 MB at RSNA's size, is never held whole). Returns (wide table, data rows,
-    duplicated rows: those beyond the first of each repeated ID)."""
+    """`long_to_wide` of the RSNA CSV at `path`, read _BLOCK_BYTES of the file at a time (the
+    CSV's Arrow table, 160 MB at RSNA's size, is never held whole). Returns (wide table, data
+    rows, duplicated rows: those beyond the first of each repeated ID)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"labels CSV {path} not found; set paths.labels_csv to stage_2_train.csv")
     counts = {"rows": 0}
 
     def batches():
+        names = None
         try:
-            reader = pacsv.open_csv(path, read_options=pacsv.ReadOptions(block_size=_BLOCK_BYTES),
-                                    convert_options=pacsv.ConvertOptions(
-                                        column_types={"ID": pa.string(), "Label": pa.int8()},
-                                        include_columns=["ID", "Label"]))
-            for batch in reader:
-                counts["rows"] += batch.num_rows
-                yield batch.column("ID"), batch.column("Label")
+            for block in _line_blocks(path, _BLOCK_BYTES):
+                # The first block starts with the header; the others are given its names.
+                read = pacsv.ReadOptions(use_threads=False, column_names=names)
+                table = pacsv.read_csv(pa.py_buffer(block), read_options=read,
+                                       convert_options=pacsv.ConvertOptions(
+                                           column_types={"ID": pa.string(), "Label": pa.int8()},
+                                           include_columns=["ID", "Label"]))
+                if names is None:
+                    names = _header(block)
+                counts["rows"] += table.num_rows
+                yield table.column("ID"), table.column("Label")
+            if names is None:
+                raise LabelError(f"{path}: empty file; expected an RSNA CSV with columns ID,Label")
             if not counts["rows"]:  # a header only: one empty slice, as long_to_wide gets
                 yield pa.array([], pa.string()), pa.array([], pa.int8())
         except (pa.ArrowInvalid, KeyError) as err:
@@ -84,6 +95,29 @@ def read_wide(path: str | Path) -> tuple[pd.DataFrame, int, int]:
 
     wide, duplicates = _wide(batches(), str(path))
     return wide, counts["rows"], duplicates
+
+
+def _line_blocks(path: Path, size: int):
+    """The bytes of the file at `path` in blocks of about `size`, each ending at a line end
+    (the last maybe without one). By hand, not pyarrow's streaming reader: that one reads
+    ahead, and held most of RSNA's 120 MB file as parsed batches before the first was used.
+    (Like pyarrow's default parsing, a quoted value never holds a line end.)"""
+    with open(path, "rb") as handle:
+        rest = b""
+        while chunk := handle.read(size):
+            data = rest + chunk
+            cut = data.rfind(b"\n") + 1
+            rest = data[cut:]
+            if cut:
+                yield data[:cut]
+        if rest:
+            yield rest
+
+
+def _header(block: bytes) -> list[str]:
+    """The column names of the CSV header that starts `block` (a byte-order mark skipped)."""
+    line = block.split(b"\n", 1)[0].decode("utf-8-sig").rstrip("\r")
+    return next(csv.reader([line]))
 
 
 def _table_slices(table: pa.Table):
@@ -118,7 +152,7 @@ def _wide(slices, source: str) -> tuple[pd.DataFrame, int]:
                          f"{', '.join(bad_ids[:10])}")
     columns = [RSNA_ORDER.index(label) for label in LABELS]
     frame = pd.DataFrame(wide[:, columns], columns=list(LABELS))
-    # Already sorted by np.unique. Through Arrow: bytes to strings without a Python object each.
+    # Already sorted (sorted_unique). Through Arrow: bytes to strings without a Python object each.
     frame.insert(0, "image_id", pa.array(image_ids, type=pa.binary()).cast(pa.large_string()).to_pandas())
     return frame, duplicates
 
@@ -138,7 +172,7 @@ def _sorted_cells(slices, source: str) -> tuple[np.ndarray, np.ndarray, np.ndarr
         inverses.append(inverse.astype(np.int32))
         codes.append(subtype)
         label_parts.append(label)
-    image_ids = np.unique(np.concatenate(uniques))
+    image_ids = sorted_unique(np.concatenate(uniques))
     image_idx = np.concatenate([np.searchsorted(image_ids, unique).astype(np.int32)[inverse]
                                 for unique, inverse in zip(uniques, inverses)])
     del uniques, inverses
@@ -180,7 +214,8 @@ def _parse_slice(ids: pa.ChunkedArray, labels: pa.ChunkedArray, offset: int,
         row = int(np.flatnonzero((label_np != 0) & (label_np != 1))[0])
         raise LabelError(f"{source}: data row {offset + row + 1} has Label {label_np[row]}; "
                          "expected 0 or 1")
-    image_id = pc.struct_field(parts, "image_id").to_numpy(zero_copy_only=False).astype(bytes)
+    # Fixed-width bytes straight from the Arrow buffers (not one Python string per row first).
+    image_id = name_bytes(pc.struct_field(parts, "image_id"))
     return image_id, subtype_idx.to_numpy().astype(np.int8), label_np.astype(np.int8)
 
 
