@@ -150,27 +150,14 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per side")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top", type=int, default=15, help="rows of the operator tables")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's own, one per core); 1 is "
-                             "steadier on a machine other jobs share: a descheduled thread stalls "
-                             "every parallel operator, and the side issuing more operators pays more")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="ich config override; repeatable")
-    args = parser.parse_args(argv)
-    from machine import describe  # bench/machine.py, beside this script
-
-    print(describe(), flush=True)
-    import keras
-    import torch
-
     import train_speed
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    if keras.backend.backend() != "torch":
-        print("error: the torch profiler needs KERAS_BACKEND=torch", file=sys.stderr)
+    train_speed.add_torch_arguments(parser)
+    args = parser.parse_args(argv)
+    if not train_speed.start_torch(args, "the torch profiler needs it"):
         return 2
+    import keras
+    import torch
     cfg = train_speed.ich_config(args.size, args.batch, args.set)
     print(f"{args.stage}, {args.size} px, batch {args.batch}, float32, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), keras {keras.__version__}", flush=True)

@@ -221,6 +221,34 @@ def interleaved(contenders: dict, batch: int, rounds: int, steps: int, warmup: i
     return {name: statistics.median(values) for name, values in rates.items()}
 
 
+def add_torch_arguments(parser) -> None:
+    """--threads and --set, shared with bench/profile_train.py."""
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's own, one per core); 1 is "
+                             "steadier on a machine other jobs share: a descheduled thread stalls "
+                             "every parallel operator, and the side issuing more operators pays more")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                        help="ich config override (e.g. train.jit_compile=true); repeatable")
+
+
+def start_torch(args, why: str) -> bool:
+    """Print the machine, apply --threads; False (with a message saying `why`) unless Keras
+    runs on torch."""
+    import keras
+    import torch
+
+    from machine import describe  # bench/machine.py, beside this script
+
+    print(describe(), flush=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if keras.backend.backend() != "torch":
+        print(f"error: run with KERAS_BACKEND=torch (now {keras.backend.backend()}): {why}",
+              file=sys.stderr)
+        return False
+    return True
+
+
 def main(argv=None) -> int:
     """Run the benchmark and print the tables; returns the exit code."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -232,27 +260,12 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", nargs="+", default=["stage1", "stage2"], choices=list(OUTPUTS))
     parser.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime column")
     parser.add_argument("--no-inference", action="store_true", help="training only")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="torch intra-op threads (default: torch's own, one per core); 1 is "
-                             "steadier on a machine other jobs share: a descheduled thread stalls "
-                             "every parallel operator, and the side issuing more operators pays more")
-    parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                        help="ich config override (e.g. train.jit_compile=true); repeatable")
+    add_torch_arguments(parser)
     args = parser.parse_args(argv)
-    from machine import describe  # bench/machine.py, beside this script
-
-    print(describe(), flush=True)
-
+    if not start_torch(args, "the comparison is Keras-on-torch against native torch"):
+        return 2
     import keras
     import torch
-
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    if keras.backend.backend() != "torch":
-        print(f"error: run with KERAS_BACKEND=torch (now {keras.backend.backend()}): the "
-              f"comparison is Keras-on-torch against native torch", file=sys.stderr)
-        return 2
     from timm_loader import load_timm
 
     try:

@@ -57,12 +57,18 @@ def tiny_model():
     return model
 
 
-@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
-def test_best_model_saves_only_improvements_and_remembers_them(tmp_path):
+def best_model(tmp_path):
+    """(weights path, a tiny model, a BestModel on val_auc watching it)."""
     path = tmp_path / "best.weights.h5"
     model = tiny_model()
     cb = BestModel(path)
     cb.set_model(model)
+    return path, model, cb
+
+
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
+def test_best_model_saves_only_improvements_and_remembers_them(tmp_path):
+    path, model, cb = best_model(tmp_path)
     cb.on_epoch_end(0, {"val_auc": 0.7})
     assert read_best(path) == {"monitor": "val_auc", "value": 0.7, "epoch": 0}
     saved = model.get_layer("out").get_weights()
@@ -83,10 +89,7 @@ def test_best_model_saves_only_improvements_and_remembers_them(tmp_path):
 
 @pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
 def test_best_model_on_val_loss_keeps_the_lowest_and_ignores_a_val_auc_score(tmp_path):
-    path = tmp_path / "best.weights.h5"
-    model = tiny_model()
-    auc = BestModel(path)
-    auc.set_model(model)
+    path, model, auc = best_model(tmp_path)
     auc.on_epoch_end(0, {"val_auc": 0.9, "val_loss": 0.8})
     # A score file of another monitor (a run whose train.monitor changed) is no bar to beat.
     cb = BestModel(path, "val_loss")

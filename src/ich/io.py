@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -83,7 +84,7 @@ def safe_cell(value):
     back exactly what was written: ich reads its own CSVs back (patient ids join tables)."""
     if not isinstance(value, str):
         return value
-    if value.startswith(ESCAPE) and value[1:2] in (*FORMULA_STARTS, ESCAPE):
+    if _looks_escaped(value):
         return ESCAPE + value
     if not value.startswith(FORMULA_STARTS):
         return value
@@ -96,9 +97,18 @@ def safe_cell(value):
 
 def read_cell(value):
     """The inverse of `safe_cell`: the apostrophe it added, removed."""
-    if isinstance(value, str) and value.startswith(ESCAPE) and value[1:2] in (*FORMULA_STARTS, ESCAPE):
+    if isinstance(value, str) and _looks_escaped(value):
         return value[1:]
     return value
+
+
+def _looks_escaped(value: str) -> bool:
+    # The one rule behind safe_cell, read_cell and _ESCAPED_PATTERN (read_arrow_cells).
+    return value.startswith(ESCAPE) and value[1:2] in (*FORMULA_STARTS, ESCAPE)
+
+
+# _looks_escaped as a regular expression, for pyarrow.compute.
+_ESCAPED_PATTERN = "^" + re.escape(ESCAPE) + "[" + "".join(re.escape(c) for c in (*FORMULA_STARTS, ESCAPE)) + "]"
 
 
 def _text_columns(df) -> list:
@@ -140,7 +150,7 @@ def read_arrow_cells(table):
     for i, field in enumerate(table.schema):
         if pa.types.is_string(field.type) or pa.types.is_large_string(field.type):
             column = table.column(i)
-            escaped = pc.match_substring_regex(column, "^'[=+\\-@\t\r']")
+            escaped = pc.match_substring_regex(column, _ESCAPED_PATTERN)
             # Escaped cells are rare (ids are not formulas): a column without one is kept as
             # it is, not copied (issue 11: a copy of a 752,803-row id column is 15 MB).
             if pc.any(escaped).as_py():
