@@ -22,3 +22,13 @@ def set_faults(value):
         os.environ.pop(ENV, None)
     else:
         os.environ[ENV] = value
+
+
+def echo_late_first(items, delay_s):
+    """Each item back, after `delay_s` when the chunk holds item 0: the first chunk finishes
+    after later ones, so an ordered map must hold those back."""
+    import time
+
+    if 0 in items:
+        time.sleep(delay_s)
+    return list(items)

@@ -3,12 +3,7 @@
 rows as a local run; a truncated file gets its reason; a file that kills its worker is the only
 one of its chunk marked failed; a worker that cannot see the folder is named."""
 
-import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +11,7 @@ import pytest
 pytest.importorskip("distributed")
 
 from alt_rsna import write_alt_rsna  # noqa: E402
+from dask_cluster import dask_cluster  # noqa: E402
 from ich.cli import main  # noqa: E402
 from ich.constants import FAILURES_CSV, IMAGES_CSV  # noqa: E402
 from ich.errors import StepError  # noqa: E402
@@ -29,54 +25,14 @@ FAULTS = f"decode:{POISON}=crash,decode:{HUNG}=freeze"
 TIMEOUT_S = 3            # roomy enough for a loaded machine's first file in a fresh worker
 WINDOWS = [(80.0, 200.0), (40.0, 80.0), (600.0, 2800.0)]
 SIZE = 32
-TESTS = Path(__file__).resolve().parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
-    """A scheduler and two nannied single-thread workers on 127.0.0.1; killed at the end."""
-    from distributed import Client
-
-    port = _free_port()
-    address = f"tcp://127.0.0.1:{port}"
-    dask = str(Path(sys.executable).with_name("dask"))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent / "src"), str(TESTS)]),
-               # One worker death marks a task failed (default 3): the crash test stays short.
-               DASK_DISTRIBUTED__SCHEDULER__ALLOWED_FAILURES="1",
-               # A decoder crash or hang (inside read_hu) on these file names, in the workers.
-               **{ENV: FAULTS})
-    logs = tmp_path_factory.mktemp("dask")
-    procs = [subprocess.Popen([dask, "scheduler", "--host", "127.0.0.1", "--port", str(port),
-                               "--dashboard-address", ":0"], env=env,
-                              stdout=subprocess.DEVNULL, stderr=open(logs / "scheduler.log", "w"))]
-    time.sleep(2)
-    for k in range(2):
-        procs.append(subprocess.Popen([dask, "worker", address, "--nthreads", "1", "--nworkers", "1",
-                                       "--host", "127.0.0.1", "--dashboard-address", ":0"], env=env,
-                                      stdout=subprocess.DEVNULL,
-                                      stderr=open(logs / f"worker{k}.log", "w")))
-    client = Client(address, timeout="60s")
-    try:
-        client.wait_for_workers(2, timeout=120)
-        yield address, client
-    finally:
-        client.close()
-        # Workers first, the scheduler once they are gone: a nanny whose scheduler went first
-        # waits for it to come back (40 s of teardown, when both were stopped at once).
-        for group in (procs[1:], procs[:1]):
-            for proc in group:
-                proc.terminate()
-            for proc in group:
-                try:
-                    proc.wait(timeout=20)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
+    """A scheduler and two nannied single-thread workers on 127.0.0.1, with a decoder crash or
+    hang (inside read_hu) on the files POISON and HUNG; killed at the end."""
+    with dask_cluster(tmp_path_factory.mktemp("dask"), FAULTS) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

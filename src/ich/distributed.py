@@ -5,8 +5,12 @@ enough: a LocalCluster on this machine, or a running scheduler reached at tcp://
 In: a per-chunk function (picklable by reference: a module-level function of ich, which the
 workers import), the chunks (lists of file paths), its extra arguments, the folders it reads and
 writes, and how to describe a file that could not be done. Out: `map_files` yields
-(chunk, result) as chunks finish, in any order, exactly what the local pool yields, so the
-caller's journal, progress bar and resume are unchanged.
+(chunk, result) as chunks finish, in any order (or in the chunks' order, `ordered`, for predict,
+whose batches must be those of a local run), exactly what the local pool yields, so the
+caller's journal, progress bar and resume are unchanged. The chunks may be a stream (the index
+step's listing): with `per_thread`, only a few chunks per worker thread are out at a time.
+Used by every per-file step: preprocess, the header index, offline augmentation and predict's
+decoding.
 
 Isolation: a worker that dies (a segfault in a pixel decoder, out of memory) takes its running
 task with it; the scheduler reruns the task on another worker, and only after
@@ -49,6 +53,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import queue
 import time
@@ -57,7 +62,7 @@ from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator
 
 from ich.compute import TaskError, is_machine_error, timeout_reason
 from ich.errors import StepError
@@ -184,13 +189,15 @@ class InitPlugin(_PluginBase):
         self.init()
 
 
-def map_files(fn: Callable, chunks: Sequence[list[str]], scheduler: str, args: tuple = (),
+def map_files(fn: Callable, chunks: Iterable[list], scheduler: str, args: tuple = (),
               *, inputs: Iterable[str | Path] = (), outputs: Iterable[str | Path] = (),
-              failure: Callable[[str, str], object] | None = None,
+              failure: Callable[[Any, str], object] | None = None,
               init: Callable[[], None] | None = None, workers: int = 1,
-              timeout_s: float | None = None, client=None) -> Iterator[tuple[list[str], list]]:
+              timeout_s: float | None = None, client=None, ordered: bool = False,
+              per_thread: int | None = None,
+              name: Callable[[Any], str] = os.path.basename) -> Iterator[tuple[list, list]]:
     """Run `fn(chunk, *args)` for every chunk on the Dask cluster of `scheduler`, yielding
-    (chunk, result) as each finishes, in any order.
+    (chunk, result) as each finishes, in any order (in the order of `chunks` with `ordered`).
 
     `fn` returns one item per file of its chunk (a list); `failure(path, reason)` makes the item
     of a file that could not be done: a chunk whose task kills workers, raises or runs past its
@@ -204,6 +211,13 @@ def map_files(fn: Callable, chunks: Sequence[list[str]], scheduler: str, args: t
     once in every worker process (e.g. cv2.setNumThreads(1)); `inputs` and `outputs` are checked
     first (check_folders). `workers` sizes a "local" cluster; `client` reuses an open Client
     instead of connecting.
+
+    `chunks` is read lazily: with `per_thread`, at most that many chunks per worker thread of
+    the cluster (counted about once a second, so workers that join later are used) are
+    submitted and not yet yielded, so a streamed listing stays streamed and, with `ordered`,
+    the results held back for order are bounded; without it every chunk is submitted at once.
+    The items of a chunk are file paths, or anything `name(item)` names in the log (a file's
+    name by default).
     """
     own = client is None
     if own:
@@ -212,7 +226,8 @@ def map_files(fn: Callable, chunks: Sequence[list[str]], scheduler: str, args: t
         check_folders(client, inputs, outputs)
         if init is not None:
             client.register_plugin(InitPlugin(init), name=f"ich-init-{uuid.uuid4().hex[:8]}")
-        yield from _Run(client, fn, args, failure, timeout_s or None).results(chunks)
+        run = _Run(client, fn, args, failure, timeout_s or None, name)
+        yield from run.results(chunks, ordered, per_thread)
     finally:
         if own:
             cluster = getattr(client, "cluster", None)
@@ -232,10 +247,12 @@ class _Task:
 
 class _Run:
     """The bookkeeping of one map_files call: its tasks, the chunks being redone file by file,
-    and the time limit."""
+    the chunks still to submit and held back for order, and the time limit."""
 
-    def __init__(self, client, fn: Callable, args: tuple, failure, timeout_s: float | None):
+    def __init__(self, client, fn: Callable, args: tuple, failure, timeout_s: float | None,
+                 name: Callable[[Any], str] = os.path.basename):
         self.client, self.fn, self.args, self.failure, self.timeout_s = client, fn, args, failure, timeout_s
+        self.name = name
         # Keys of our own choosing, so that Client.processing's lists can be read as our tasks.
         self.tag = f"ich-{getattr(fn, '__name__', 'task')}-{uuid.uuid4().hex[:8]}"
         self.count = itertools.count()
@@ -249,6 +266,15 @@ class _Run:
         self.waiting: deque = deque()        # (chunk, index) of files still to redo alone
         self.singles = 0                     # lone-file tasks in flight (at most one)
         self.watch = Overdue() if timeout_s else None
+        self.source: Iterator | None = None  # chunks not yet submitted (None: all are)
+        self.open = 0                        # chunks submitted and not yet yielded
+        self.per_thread: int | None = None
+        self.threads, self.threads_at = 1, -math.inf   # the cluster's thread count, and when read
+        self.ordered = False
+        self.submitted = 0                   # chunks drawn from `source` so far
+        self.seq: dict[int, int] = {}        # id(chunk) -> its place in `chunks`
+        self.held: dict[int, tuple] = {}     # place -> (chunk, result), finished out of order
+        self.next_out = 0
 
     def submit(self, chunk: list[str], index: int | None = None) -> None:
         files = list(chunk) if index is None else [chunk[index]]
@@ -272,15 +298,57 @@ class _Run:
             return None
         return self.timeout_s * (len(task.chunk) if task.index is None else 1)
 
-    def results(self, chunks: Sequence[list[str]]) -> Iterator[tuple[list[str], list]]:
+    def results(self, chunks: Iterable[list], ordered: bool = False,
+                per_thread: int | None = None) -> Iterator[tuple[list, list]]:
+        """(chunk, result) for every chunk, as they finish or, with `ordered`, in order."""
+        self.source, self.ordered, self.per_thread = iter(chunks), ordered, per_thread
         try:
-            yield from self._results(chunks)
+            yield from self._results()
         finally:
             self.fetcher.shutdown(wait=False, cancel_futures=True)
 
-    def _results(self, chunks: Sequence[list[str]]) -> Iterator[tuple[list[str], list]]:
-        for chunk in chunks:
-            self.submit(list(chunk))
+    def feed(self) -> None:
+        """Submit chunks until the window (per_thread x the cluster's threads) is full."""
+        while self.source is not None and (self.per_thread is None or self.open < self.window()):
+            chunk = next(self.source, None)
+            if chunk is None:
+                self.source = None
+                return
+            chunk = list(chunk)
+            self.seq[id(chunk)] = self.submitted
+            self.submitted += 1
+            self.open += 1
+            self.submit(chunk)
+
+    def window(self) -> int:
+        # Read at most once a second: workers join a dask-jobqueue cluster as their jobs start.
+        if time.monotonic() - self.threads_at > _POLL_S:
+            try:
+                self.threads = max(1, sum(self.client.nthreads().values()))
+            except (OSError, TimeoutError) as err:   # the scheduler busy: keep the last count
+                log.debug("dask: no thread count from the scheduler (%s)", err)
+            self.threads_at = time.monotonic()
+        return self.per_thread * self.threads
+
+    def emit(self, chunk: list, result: list) -> Iterator[tuple[list, list]]:
+        """Yield a finished chunk (ordered: it and the held ones after it, once every earlier
+        chunk is out; until then it stays in the window), refilling the window first."""
+        place = self.seq.pop(id(chunk))
+        if not self.ordered:
+            self.open -= 1
+            self.feed()
+            yield chunk, result
+            return
+        self.held[place] = (chunk, result)
+        while self.next_out in self.held:
+            out = self.held.pop(self.next_out)
+            self.next_out += 1
+            self.open -= 1
+            self.feed()
+            yield out
+
+    def _results(self) -> Iterator[tuple[list, list]]:
+        self.feed()
         poll_s = min(_POLL_S, self.timeout_s / 4) if self.timeout_s else None
         next_look = time.monotonic() + (poll_s or 0.0)
         while self.tasks:
@@ -301,7 +369,7 @@ class _Run:
         future = task.future
         if task.index is None:
             if value is not None:
-                yield task.chunk, value
+                yield from self.emit(task.chunk, value)
             else:
                 log.warning("dask: a chunk of %d files failed (%s); redoing it one file at a time",
                             len(task.chunk), _reason(future))
@@ -330,11 +398,11 @@ class _Run:
         if self.waiting and not self.singles:
             self.submit(*self.waiting.popleft())
 
-    def fail(self, path: str, why: str):
+    def fail(self, path, why: str):
         """The item of a file that failed alone (StepError without a `failure` function)."""
         if self.failure is None:
             raise StepError(f"dask: {path} failed: {why}")
-        log.warning("dask: %s failed on its own: %s", os.path.basename(path), why)
+        log.warning("dask: %s failed on its own: %s", self.name(path), why)
         return self.failure(path, why)
 
     def settle(self, task: _Task, item) -> Iterator[tuple[list[str], list]]:
@@ -344,7 +412,7 @@ class _Run:
         self.submit_next()
         if all(r is not None for r in results):
             del self.pending[id(task.chunk)]
-            yield task.chunk, results
+            yield from self.emit(task.chunk, results)
 
     def look(self) -> Iterator[tuple[list[str], list]]:
         """Restart every worker that holds a task of ours past its budget; redo or fail those."""
@@ -358,12 +426,12 @@ class _Run:
             # Cancelled first, so that Dask does not rerun them elsewhere when the worker goes.
             self.client.cancel([task.future for task in tasks])
             log.warning("dask: worker %s ran past the time limit (%s); restarting it", worker,
-                        ", ".join(_describe(task, self.timeout_s) for task in tasks))
+                        ", ".join(_describe(task, self.timeout_s, self.name) for task in tasks))
             _restart(self.client, worker)
             why = timeout_reason(self.timeout_s)
             for task in tasks:
                 if task.index is None and alone and len(task.chunk) == 1:
-                    yield task.chunk, [self.fail(task.chunk[0], why)]   # a chunk of one is its file
+                    yield from self.emit(task.chunk, [self.fail(task.chunk[0], why)])   # a chunk of one is its file
                 elif task.index is None:
                     self.redo(task.chunk)
                 else:
@@ -414,11 +482,11 @@ class Overdue:
         return overdue
 
 
-def _describe(task: _Task, timeout_s: float) -> str:
+def _describe(task: _Task, timeout_s: float, name: Callable[[Any], str] = os.path.basename) -> str:
     if task.index is None:
         return (f"a chunk of {len(task.chunk)} files over {len(task.chunk)} x {timeout_s:g} s, "
                 f"redone one file at a time")
-    return f"{os.path.basename(task.chunk[task.index])} over {timeout_s:g} s"
+    return f"{name(task.chunk[task.index])} over {timeout_s:g} s"
 
 
 def _restart(client, worker: str) -> None:

@@ -3,8 +3,10 @@
 Workers are spawned processes, which a test's monkeypatch cannot reach; the environment can.
 `ICH_TEST_FAULTS` holds comma-separated `stage:name=action` entries, e.g.
 `decode:ID_a=crash,decode:ID_b=hang,write:ID_c=enospc`; `check(stage, name)` performs the action
-when the entry matches. Stages: `decode` (ich.data.dicom.read_hu, name = file stem) and `write`
-(a preprocess PNG, name = image id, with its temporary file open). Actions: crash (SIGSEGV to
+when the entry matches. Stages: `decode` (ich.data.dicom.read_hu, name = file stem), `header`
+(ich.data.index.read_header, name = file stem), `augment` (one source image of the augment
+step, name = its image id) and `write` (a preprocess PNG, name = image id, with its temporary
+file open). Actions: crash (SIGSEGV to
 the calling thread: nothing after it runs, as with a real segfault), hang (sleeps for ever,
 the GIL released), freeze (hangs holding the GIL, as a C decoder stuck in a loop does: no other
 thread of the process runs either, a Dask worker's event loop included), sleep (2 s, to keep a

@@ -25,6 +25,8 @@ import numpy as np
 from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 
+from ich import faults
+
 # pandas is imported inside the table functions: worker processes that only read headers
 # (`read_header`) then start without its import time and memory.
 
@@ -187,6 +189,7 @@ def read_header(path: str | Path, root: str | Path | None = None) -> dict:
     """
     path = Path(path)
     file = path.relative_to(root).as_posix() if root is not None else path.name
+    faults.check("header", path.stem)   # tests: a header reader that crashes or hangs
     try:
         with open(path, "rb") as handle:
             size = os.fstat(handle.fileno()).st_size

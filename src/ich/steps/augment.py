@@ -14,11 +14,16 @@ and one context-only file per other offset, `<copy id>__m1.png` for offset -1 an
 (target 0, position = the offset), all in a series of their own named by the copy's id.
 
 Each copy is seeded from (seed, source id, k), so its pixels do not depend on the number of
-workers or the order they run in. PNGs are written atomically; a killed run resumes and
+workers, the order they run in or where they run: compute.scheduler null uses this machine's
+process pool, "local" or a Dask scheduler's address that cluster (ich.distributed; the workers
+must see work/png/ and work/augmented/), with the same PNGs byte for byte and the same
+manifest. PNGs are written atomically; a killed run resumes and
 makes only the copies still missing. A change to the pipeline settings (or to the source
 PNGs) discards the old copies; a change to the plan alone (target, cap) keeps the ones
 still planned. An unreadable source image is logged and recorded in
-augmented/failures.csv, never fatal.
+augmented/failures.csv, never fatal; so is a source whose worker dies (locally every source of
+that task, "augmentation worker crashed with signal 11 (SIGSEGV)"; on Dask that source alone,
+"augmentation worker crashed its worker process ...").
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ich import faults
 from ich.data.labels import label_counts
 from ich.data.offline_augment import augment_copy, copy_seed, offline_pipeline, plan_copies
 from ich.compute import map_files
@@ -112,7 +118,7 @@ def run(cfg: dict, force: bool = False) -> Path:
     workers = max(1, min(resolve_workers(aug["workers"]), len(todo) // _COPIES_PER_WORKER))
     pngs = train.set_index("image_id")["png"]
     written, failures = _make_copies(todo, rows, work, {s: list(pngs[stacks[s]]) for s in todo["source_id"]},
-                                     aug, int(cfg["seed"]), workers)
+                                     aug, int(cfg["seed"]), workers, cfg["compute"]["scheduler"])
     write_csv(pd.DataFrame(failures, columns=["image_id", "path", "reason"]),
               out_dir / FAILURES_FILE)
     failed = {f[0] for f in failures}
@@ -206,10 +212,16 @@ def _prepare_dir(out_dir: Path, pixels: Stamp, force: bool, keep: set[str]) -> N
 
 
 def _make_copies(todo: pd.DataFrame, rows: pd.DataFrame, work: Path, sources: dict, aug: dict,
-                 seed: int, workers: int) -> tuple[int, list[tuple[str, str, str]]]:
+                 seed: int, workers: int, scheduler: str | None = None
+                 ) -> tuple[int, list[tuple[str, str, str]]]:
     """Write the copies in `todo` (each: its file per offset, from `rows`); `sources` maps a
     source id to its PNGs at the offsets. Return (copies written, failures as (source_id,
-    source path, reason))."""
+    source path, reason)).
+
+    Where: in this process (one worker or one task), this machine's pool (ich.compute: a
+    worker that dies fails its task's sources) or, with `scheduler` (compute.scheduler), the
+    Dask cluster (ich.distributed, a task per _SOURCES_PER_TASK sources: a source that kills
+    its worker is failed alone, the rest of its task done)."""
     tasks = []
     files = rows.groupby("copy_of", sort=False)["path"].apply(list)
     groups = [(source, [([str(work / p) for p in files[copy_id]], copy_seed(seed, source, int(k)))
@@ -220,7 +232,19 @@ def _make_copies(todo: pd.DataFrame, rows: pd.DataFrame, work: Path, sources: di
         tasks.append([(source, sources[source], outs) for source, outs in chunk])
     written, failures = 0, []
     bar = progress(total=len(todo), desc="augment", unit="img")
-    if workers <= 1 or len(tasks) <= 1:
+    if scheduler is not None and tasks:
+        from ich import distributed
+
+        for _, results in distributed.map_files(
+                augment_chunk, tasks, scheduler, (aug, seed), inputs=[work / PNG_DIR],
+                outputs=[work / AUGMENTED_DIR], init=_init_worker, workers=workers,
+                failure=lambda entry, why: (0, [(entry[0], entry[1][0], f"augmentation worker {why}")]),
+                name=lambda entry: entry[0]):
+            for made, failed in results:
+                written += made
+                bar.update(made)
+                failures += failed
+    elif workers <= 1 or len(tasks) <= 1:
         results = (augment_task(task, aug, seed) for task in tasks)
         for made, failed in results:
             written += made
@@ -256,39 +280,53 @@ _PIPELINE: dict = {}   # per process: the pipeline, built once
 
 
 def augment_task(task: list, aug: dict, seed: int) -> tuple[int, list[tuple[str, str, str]]]:
-    """Worker: for each (source_id, source PNGs at the offsets, [(out paths at the offsets, copy
-    seed)]) write the copies: the slices stacked along the channels, augmented once (so alike),
-    split back into one PNG each.
+    """Worker (this machine's pool): augment_source for each entry of `task`, summed.
 
     Returns (copies written, failures as (source_id, path, reason)).
     """
-    import cv2
+    made, failures = 0, []
+    for n, failed in augment_chunk(task, aug, seed):
+        made += n
+        failures += failed
+    return made, failures
 
+
+def augment_chunk(task: list, aug: dict, seed: int) -> list[tuple[int, list[tuple[str, str, str]]]]:
+    """augment_source for each entry of `task`, one (copies written, failures) each: the unit
+    of work handed to a Dask worker (ich.distributed.map_files), which fails an entry alone."""
     key = json.dumps(aug, sort_keys=True)
     if key not in _PIPELINE:
         _PIPELINE.clear()
         _PIPELINE[key] = offline_pipeline(aug, seed)
-    pipeline = _PIPELINE[key]
-    made, failures = 0, []
-    for source, source_paths, outs in task:
-        try:
-            # Native size: copies keep the source's. One slice per offset, 3 channels each.
-            stack = np.concatenate([read_png(path) for path in source_paths], axis=-1)
-        except ValueError as err:
-            failures.append((source, source_paths[0], str(err)))
-            continue
-        for out_paths, copy_seed_value in outs:
-            copy = augment_copy(pipeline, stack, copy_seed_value)
-            encoded = [cv2.imencode(".png", cv2.cvtColor(copy[..., 3 * j:3 * j + 3], cv2.COLOR_RGB2BGR))
-                       for j in range(len(out_paths))]
-            if not all(ok for ok, _ in encoded):
-                failures.append((source, source_paths[0], f"PNG encoding failed for {out_paths[0]}"))
-                break
-            # A resumed run redoes any copy one of whose files is missing.
-            for out_path, (_, data) in zip(out_paths, encoded):
-                atomic_write_bytes(out_path, data.tobytes())
-            made += 1
-    return made, failures
+    return [augment_source(entry, _PIPELINE[key]) for entry in task]
+
+
+def augment_source(entry: tuple, pipeline) -> tuple[int, list[tuple[str, str, str]]]:
+    """Write the copies of one (source_id, source PNGs at the offsets, [(out paths at the
+    offsets, copy seed)]): the slices stacked along the channels, augmented once (so alike),
+    split back into one PNG each. Returns (copies written, failures as (source_id, path,
+    reason)): an unreadable source or a failed encoding is a failure, never an exception."""
+    import cv2
+
+    source, source_paths, outs = entry
+    faults.check("augment", source)   # tests: a source whose augmentation crashes its worker
+    try:
+        # Native size: copies keep the source's. One slice per offset, 3 channels each.
+        stack = np.concatenate([read_png(path) for path in source_paths], axis=-1)
+    except ValueError as err:
+        return 0, [(source, source_paths[0], str(err))]
+    made = 0
+    for out_paths, copy_seed_value in outs:
+        copy = augment_copy(pipeline, stack, copy_seed_value)
+        encoded = [cv2.imencode(".png", cv2.cvtColor(copy[..., 3 * j:3 * j + 3], cv2.COLOR_RGB2BGR))
+                   for j in range(len(out_paths))]
+        if not all(ok for ok, _ in encoded):
+            return made, [(source, source_paths[0], f"PNG encoding failed for {out_paths[0]}")]
+        # A resumed run redoes any copy one of whose files is missing.
+        for out_path, (_, data) in zip(out_paths, encoded):
+            atomic_write_bytes(out_path, data.tobytes())
+        made += 1
+    return made, []
 
 
 def _log_counts(train: pd.DataFrame, made: pd.DataFrame) -> None:

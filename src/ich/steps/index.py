@@ -10,6 +10,14 @@ The folder is listed as a stream (os.scandir) and handed to the workers in chunk
 bounded number of chunks in flight, so memory stays flat while reading: the parent holds only
 the names seen and the small rows of finished chunks on disk.
 
+Where: compute.scheduler null reads in this process, a thread pool or a process pool
+(index.workers, index.pool); "local" or a Dask scheduler's address reads on that cluster
+(ich.distributed, index.chunk_size files per task, a few tasks per worker thread out at a time
+so the listing stays a stream), with the same rows, journal and resume. On Dask a file whose
+header reader kills its worker (a segfault, out of memory) is failed alone ("header reader
+crashed its worker process ...") and the rest of its chunk is read; locally such a death
+stops the step, finished chunks kept.
+
 Resume: each finished chunk's rows go to the journal (work/.index/parts/, one fsync'd CSV per
 chunk, written atomically); a killed run restarts from the journal and skips every file it
 records. A rerun after files were added reads only the new ones.
@@ -17,6 +25,7 @@ records. A rerun after files were added reads only the new ones.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import multiprocessing
@@ -80,7 +89,8 @@ def run(cfg: dict, force: bool = False) -> Path:
     timer = Timer()
     known = _known_files(work, journal_dir)
     seen_blocks: list[np.ndarray] = []
-    counts = _read_all(source, work, journal_dir, known, seen_blocks, cfg["index"])
+    counts = _read_all(source, work, journal_dir, known, seen_blocks, cfg["index"],
+                       cfg["compute"]["scheduler"])
     seen = sorted_unique(np.concatenate(seen_blocks)) if seen_blocks else np.array([], dtype="S1")
     del known, seen_blocks
     if not len(seen):
@@ -132,7 +142,7 @@ def walk_dicoms(root: Path) -> Iterator[str]:
 
 
 def _read_all(source: Path, work: Path, journal_dir: Path, known: np.ndarray,
-              seen: list[np.ndarray], settings: dict) -> dict:
+              seen: list[np.ndarray], settings: dict, scheduler: str | None = None) -> dict:
     """Stream the folder into chunks for the pool, journalling each chunk as it finishes.
 
     `known`: the sorted names (bytes) already indexed. The names listed are appended to `seen`
@@ -162,7 +172,7 @@ def _read_all(source: Path, work: Path, journal_dir: Path, known: np.ndarray,
     chunks = iter(lambda: list(islice(names, chunk_size)), [])
     token = f"{time.time_ns():020d}"
     with progress(desc="index", unit="file") as bar:
-        for seq, rows in enumerate(_results(chunks, str(source), workers, settings["pool"])):
+        for seq, rows in enumerate(_results(chunks, str(source), workers, settings["pool"], scheduler)):
             journal.write_part(journal_dir, f"{token}-{seq:07d}", _JOURNAL_COLUMNS, rows, "file")
             for row in rows:
                 counts["read"] += 1
@@ -177,8 +187,14 @@ def _read_all(source: Path, work: Path, journal_dir: Path, known: np.ndarray,
     return counts
 
 
-def _results(chunks: Iterator[list[str]], root: str, workers: int, pool_kind: str):
-    """Yield each chunk's rows as it finishes, keeping at most a few chunks per worker queued."""
+def _results(chunks: Iterator[list[str]], root: str, workers: int, pool_kind: str,
+             scheduler: str | None = None):
+    """Yield each chunk's rows as it finishes, keeping at most a few chunks per worker queued:
+    in this process (one worker), a thread or process pool, or on the Dask cluster of
+    `scheduler` (compute.scheduler), where a file that kills its worker is failed alone."""
+    if scheduler is not None:
+        yield from _dask_results(chunks, root, workers, scheduler)
+        return
     if workers == 1:
         for files in chunks:
             yield read_chunk(files, root)
@@ -206,6 +222,21 @@ def _results(chunks: Iterator[list[str]], root: str, workers: int, pool_kind: st
                         "run the same command again to resume") from err
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _dask_results(chunks: Iterator[list[str]], root: str, workers: int, scheduler: str):
+    """The rows of each chunk from ich.distributed.map_files (the workers read `root`, write
+    nothing). No cluster is started or joined when there is nothing new to read."""
+    from ich import distributed
+
+    first = next(chunks, None)
+    if first is None:
+        return
+    for _, rows in distributed.map_files(
+            read_chunk, itertools.chain([first], chunks), scheduler, (root,), inputs=[root],
+            failure=lambda file, why: _failure(file, f"header reader {why}"), workers=workers,
+            per_thread=_IN_FLIGHT_PER_WORKER):
+        yield rows
 
 
 def _names_array(names: list[str]) -> np.ndarray:

@@ -101,13 +101,31 @@ def consolidate(work: Path, journal_dir: Path, seen: np.ndarray, out: Path,
         pa.default_memory_pool().release_unused()
 
         rank, size, n_series = ranks(read_column(store, "series_id"), read_column(store, "position"), good)
-        _write_index(store, good, rank, size, out)
+        failures.sort(key=lambda row: row["file"])
+        _replace_outputs(store, good, rank, size, out, failures, failures_csv)
     finally:
         shutil.rmtree(store, ignore_errors=True)
-    failures.sort(key=lambda row: row["file"])
-    journal.write_rows(failures_csv, FAILURE_COLUMNS, failures)
+    # Last: until both tables are in place, the journal holds what a rerun needs to redo this.
     journal.reset(journal_dir)
     return len(good), len(failures), n_series
+
+
+def _replace_outputs(store: Path, good: np.ndarray, rank: np.ndarray, size: np.ndarray, out: Path,
+                     failures: list[dict], failures_csv: Path) -> None:
+    """Write the new index.parquet and index_failures.csv beside the old ones, then swap them in
+    an order that leaves a consistent state wherever a kill lands: the old failures are removed
+    first, then the new index.parquet is renamed into place, then the new failures. A kill
+    leaves the old pair, or either index.parquet without index_failures.csv (an output missing:
+    the step's record says so and `ich index` runs again; the files failed before are then not
+    known and read again, those of this run are still in the journal), or the new pair. Never
+    one table of this run beside the other of the last: a file failed now would be in neither,
+    one made a duplicate now (its good row in the old index.parquet) in both."""
+    with atomic_path(failures_csv) as failures_tmp:
+        journal.write_rows(failures_tmp, FAILURE_COLUMNS, failures)
+        with atomic_path(out) as parquet_tmp:
+            _write_index(store, good, rank, size, parquet_tmp)
+            failures_csv.unlink(missing_ok=True)
+        # index.parquet is renamed into place here, index_failures.csv when this block ends.
 
 
 def ranks(series, position, good: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
@@ -200,7 +218,8 @@ def _groups(work: Path, journal_dir: Path, out: Path, failures_csv: Path) -> Ite
 
 
 def _write_index(store: Path, good: np.ndarray, rank: np.ndarray, size: np.ndarray, out: Path) -> None:
-    """index.parquet: the rows `good` of the store, in that order, with their ranks and sizes.
+    """index.parquet's content, written to `out` (a temporary path: _replace_outputs renames it):
+    the rows `good` of the store, in that order, with their ranks and sizes.
 
     Each column is read, put in order and written to the store's sorted/ folder in batches of
     WRITE_ROWS rows; then the parquet file is written a row group at a time from those batches."""
@@ -226,11 +245,10 @@ def _write_index(store: Path, good: np.ndarray, rank: np.ndarray, size: np.ndarr
     with ExitStack() as stack:
         readers = [pa.ipc.open_file(stack.enter_context(pa.OSFile(str(folder / f"{field.name}.arrow"))))
                    for field in schema]
-        with atomic_path(out) as tmp:
-            with pq.ParquetWriter(tmp, schema) as writer:
-                for i in range(readers[0].num_record_batches):
-                    writer.write_table(pa.Table.from_arrays([reader.get_batch(i).column(0) for reader in readers],
-                                                            schema=schema))
+        with pq.ParquetWriter(out, schema) as writer:
+            for i in range(readers[0].num_record_batches):
+                writer.write_table(pa.Table.from_arrays([reader.get_batch(i).column(0) for reader in readers],
+                                                        schema=schema))
 
 
 def _rows(columns: dict, rows: np.ndarray, names) -> list[dict]:

@@ -29,8 +29,10 @@ neighbouring-slice offsets, each slice's neighbours are the given files of its s
 repeat). A series is predicted, and journalled, as soon as its last file is decoded (its
 context and the sequence stage need all of it); slices without a series (PNGs, headers without
 orientation, position or series id) are predicted alone, batch by batch. Decoding runs in
-predict.workers isolated processes (ich.compute): a file that crashes or hangs the decoder is a
-failure, not the end of the run. Fails (StepError) only when no input at all could be
+predict.workers isolated processes (ich.compute), or on the Dask cluster of compute.scheduler
+(ich.distributed; the workers must see the input folders), in the same order, so the same
+batches and the same outputs: a file that crashes or hangs the decoder is a failure, not the
+end of the run. Fails (StepError) only when no input at all could be
 predicted, on NaN probabilities, and on machine failures (disk full, I/O errors, memory).
 """
 
@@ -140,7 +142,8 @@ def predict_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict) ->
         with progress(total=len(todo), desc="predict", unit="img") as bar:
             for path, image, info in decode_all(todo, spec.png_windows, spec.image_size, workers,
                                                 timeout_s=pc.get("file_timeout_s"),
-                                                max_bytes=int(max_mb * 2 ** 20) if max_mb else None):
+                                                max_bytes=int(max_mb * 2 ** 20) if max_mb else None,
+                                                scheduler=cfg["compute"]["scheduler"]):
                 bar.update(1)
                 name, series = names[path], plan.series_of.get(path)
                 if image is None:
