@@ -3,6 +3,7 @@ included), neighbours with edge repetition, failures, resume, and grouping for p
 
 import math
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -385,3 +386,53 @@ def test_columnar_consolidation_gives_the_pandas_consolidations_rows(tmp_path):
         assert (work_a / "index_failures.csv").read_bytes() == (work_b / "index_failures.csv").read_bytes()
         assert "duplicate image id" in (work_a / "index_failures.csv").read_text()
         assert not (work_a / ".index" / consolidation.SCRATCH).exists()
+
+
+@pytest.mark.parametrize("killed_at", ["index.parquet", "index_failures.csv"])
+def test_a_kill_between_the_two_tables_leaves_no_mixed_pair_and_a_rerun_finishes(tmp_path, monkeypatch, killed_at):
+    """The consolidation swaps in its two tables one rename at a time: a kill just before either
+    rename leaves the old index.parquet or the new one, never beside the other run's failures
+    (index_failures.csv is removed first), and the rerun writes what an uninterrupted run does.
+    The second run makes a file that was good a duplicate (A/ID_00.dcm sorts first) and fails a
+    new file: both would be misplaced by a mixed pair."""
+    import os
+
+    source = tmp_path / "src"
+    source.mkdir()
+    for k in range(3):
+        _write_slice(source / f"ID_{k:02d}.dcm", f"ID_{k:02d}", k * 5.0 * NORMAL)
+    (source / "ID_bad.dcm").write_text("not a dicom file")
+    first = tmp_path / "first"
+    index_step.run(_cfg(first, source))
+    (source / "A").mkdir()
+    _write_slice(source / "A" / "ID_00.dcm", "ID_00", 0.0 * NORMAL)
+    (source / "ID_bad2.dcm").write_text("not a dicom file either")
+    work = first / "work"
+    old = {name: (work / name).read_bytes() for name in ("index.parquet", "index_failures.csv")}
+    shutil.copytree(first, tmp_path / "whole")
+    index_step.run(_cfg(tmp_path / "whole", source))
+    whole = tmp_path / "whole" / "work"
+    new = {name: (whole / name).read_bytes() for name in old}
+    assert "ID_00.dcm,duplicate image id" in new["index_failures.csv"].decode()
+    assert new != old
+
+    killed = tmp_path / "killed"
+    shutil.copytree(first, killed)
+    target = killed / "work" / killed_at
+    replace = os.replace
+
+    def kill_before(src, dst, *args, **kwargs):
+        if Path(dst) == target:
+            raise KeyboardInterrupt   # the run is killed just before this rename
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", kill_before)
+    with pytest.raises(KeyboardInterrupt):
+        index_step.run(_cfg(killed, source))
+    monkeypatch.setattr(os, "replace", replace)
+    work = killed / "work"
+    assert not (work / "index_failures.csv").exists()
+    expected = old if killed_at == "index.parquet" else new
+    assert (work / "index.parquet").read_bytes() == expected["index.parquet"]
+    index_step.run(_cfg(killed, source))
+    assert {name: (work / name).read_bytes() for name in old} == new
