@@ -154,3 +154,17 @@ def test_ich_predict_on_the_cluster_matches_a_local_run(cluster, dicoms, tmp_pat
     assert "DICOM" in local_poisoned
     assert len((local / PREDICTIONS_CSV).read_text().splitlines()) > 5
     client.wait_for_workers(2, timeout=60)
+
+
+def test_scheduler_local_indexes_on_a_local_cluster_of_its_own(dicoms, tmp_path, caplog):
+    """compute.scheduler local: a LocalCluster of index.workers processes, started and closed
+    by the step (no fault in this process's environment, so the poisoned file is a plain
+    non-DICOM here): both tables are those of the local pool, byte for byte."""
+    sets = ["--set", f"paths.dicom_dir={dicoms}", "--set", "index.chunk_size=4", "--set", "index.workers=2"]
+    local, remote = tmp_path / "local", tmp_path / "dask"
+    assert main(["index", "--set", f"paths.work_dir={local}"] + sets) == 0
+    with caplog.at_level("INFO", logger="ich"):
+        assert main(["index", "--set", f"paths.work_dir={remote}", "--set", "compute.scheduler=local"] + sets) == 0
+    assert "2 workers, dashboard http://" in caplog.text
+    names = [INDEX_PARQUET, INDEX_FAILURES_CSV]
+    assert _files(remote, names) == _files(local, names)
