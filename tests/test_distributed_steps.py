@@ -168,3 +168,56 @@ def test_scheduler_local_indexes_on_a_local_cluster_of_its_own(dicoms, tmp_path,
     assert "2 workers, dashboard http://" in caplog.text
     names = [INDEX_PARQUET, INDEX_FAILURES_CSV]
     assert _files(remote, names) == _files(local, names)
+
+
+def test_a_killed_index_on_the_cluster_resumes_with_the_rest(cluster, dicoms, tmp_path, monkeypatch):
+    """The run is killed (in this process, with tasks still out on the cluster) after two chunks
+    reached the journal; the rerun reads only the files not journalled and writes the tables of
+    an uninterrupted run."""
+    from ich import journal
+    from ich.steps import index as index_step
+
+    address, client = cluster
+    sets = ["--set", f"paths.dicom_dir={dicoms}", "--set", "index.chunk_size=2", "--set", "index.workers=1"]
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert main(["index", "--set", f"paths.work_dir={whole}"] + sets) == 0
+    dask = ["--set", f"paths.work_dir={killed}", "--set", f"compute.scheduler={address}"] + sets
+    write_part = journal.write_part
+    parts = []
+
+    def dying(*args, **kwargs):
+        if len(parts) == 2:
+            raise KeyboardInterrupt
+        parts.append(write_part(*args, **kwargs))
+        return parts[-1]
+
+    monkeypatch.setattr(journal, "write_part", dying)
+    assert main(["index"] + dask) != 0   # the CLI's "interrupted; finished work is kept"
+    monkeypatch.setattr(journal, "write_part", write_part)
+    done = {row["file"] for part in parts for row in journal.read_rows(part, ("file",))}
+    assert len(done) == 4
+    read = []
+    chunk = index_step.read_chunk
+    # The chunks the rerun hands out are counted here, as the workers get them.
+    monkeypatch.setattr(index_step, "read_chunk", lambda files, root: read.extend(files) or chunk(files, root))
+    monkeypatch.setattr(index_step, "_dask_results", _counting(index_step._dask_results, read))
+    assert main(["index"] + dask) == 0
+    assert read and not set(read) & done
+    names = [INDEX_PARQUET, INDEX_FAILURES_CSV]
+    got, expected = _files(killed, names), _files(whole, names)
+    assert got[INDEX_PARQUET] == expected[INDEX_PARQUET]
+    assert _without_poison(got[INDEX_FAILURES_CSV].decode().splitlines())[1] == \
+        _without_poison(expected[INDEX_FAILURES_CSV].decode().splitlines())[1]
+    client.wait_for_workers(2, timeout=60)
+
+
+def _counting(dask_results, seen: list):
+    """_dask_results, recording the files of every chunk it is handed (workers are other
+    processes: a monkeypatched read_chunk would not reach them)."""
+    def wrapped(chunks, *args):
+        def recorded():
+            for files in chunks:
+                seen.extend(files)
+                yield files
+        return dask_results(recorded(), *args)
+    return wrapped

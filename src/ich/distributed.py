@@ -283,7 +283,13 @@ class _Run:
         self.tasks[key] = _Task(future, chunk, index)
         if index is not None:
             self.singles += 1
-        future.add_done_callback(lambda done: self.fetcher.submit(self.fetch, done))
+        future.add_done_callback(self.on_done)
+
+    def on_done(self, future) -> None:
+        try:
+            self.fetcher.submit(self.fetch, future)
+        except RuntimeError:   # the map has ended (closed early): nobody waits for this result
+            pass
 
     def fetch(self, future) -> None:
         try:
@@ -306,6 +312,8 @@ class _Run:
             yield from self._results()
         finally:
             self.fetcher.shutdown(wait=False, cancel_futures=True)
+            if self.tasks:   # closed early (an error, a kill): the cluster need not finish them
+                self.client.cancel([task.future for task in self.tasks.values()])
 
     def feed(self) -> None:
         """Submit chunks until the window (per_thread x the cluster's threads) is full."""
