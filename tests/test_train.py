@@ -162,8 +162,7 @@ def test_saved_models_are_clean_float32_and_predict(trained):
 
 
 def test_reruns_exactly_what_changed(trained, caplog):
-    """An unchanged rerun skips; another threshold method re-chooses only the thresholds; a
-    stage-2-only setting retrains stage 2 and keeps stage 1."""
+    """An unchanged rerun skips; another threshold method re-chooses only the thresholds."""
     from ich.steps import train
 
     cfg, run_dir, path = trained
@@ -183,7 +182,16 @@ def test_reruns_exactly_what_changed(trained, caplog):
     assert json.loads(path.read_text())["threshold_method"] == "f1"
     assert {n: (run_dir / n).stat().st_mtime_ns for n in times} == times
 
-    caplog.clear()
+
+@pytest.mark.slow
+def test_a_stage2_setting_retrains_stage2_and_sequence_only(trained, caplog):
+    """A stage-2-only setting retrains stage 2 (and the sequence stage, which starts from its
+    features) and keeps stage 1. Slow (two stages retrained): the stamp rule itself is checked
+    fast by test_stage_stamps_name_the_setting_and_input_that_changed."""
+    from ich.steps import train
+
+    cfg, run_dir, path = trained
+    times = {name: (run_dir / name).stat().st_mtime_ns for name in (STAGE1_MODEL, STAGE2_MODEL, "sequence.keras")}
     wider = config.load(run_dir / "config.yaml", ["evaluate.threshold_method=f1", "model.fusion_dim=32"])
     with caplog.at_level("INFO", logger="ich"):
         train.run(wider)
@@ -296,3 +304,30 @@ def test_phase_epochs_stage2_override():
     cfg["train"]["stage2_finetune_epochs"] = 3
     assert phase_epochs(cfg, STAGES["stage1"], "finetune") == 8
     assert phase_epochs(cfg, STAGES["stage2"], "finetune") == 3
+
+
+def test_check_resume_keeps_state_of_the_same_run_and_drops_that_of_a_resplit(tmp_path, caplog):
+    """The resume rule in-process (the SIGKILL version is test_train_resume's slow test): the
+    in-progress state of a stage is kept while its settings and inputs are those it started
+    with, and dropped, with the reason logged, once splits.csv changes."""
+    from ich.steps.train import stage_stamp
+    from ich.training.stages import STAGES
+    from ich.training.trainer import BACKUP_DIR, CHECKPOINT_DIR, check_resume
+
+    work = make_work(tmp_path / "work")
+    cfg = tiny_cfg(tmp_path)
+    run_dir, stage = tmp_path / "run", STAGES["stage1"]
+    best = run_dir / CHECKPOINT_DIR / "stage1_best.weights.h5"
+    best.parent.mkdir(parents=True)
+    best.write_bytes(b"weights")
+    check_resume(stage, stage_stamp(cfg, stage), run_dir)       # no record: start fresh
+    assert not best.exists() and (run_dir / BACKUP_DIR / "stage1.started.json").is_file()
+    best.write_bytes(b"weights")
+    check_resume(stage, stage_stamp(cfg, stage), run_dir)       # the same run: kept
+    assert best.is_file()
+    with (work / SPLITS_CSV).open("a") as f:
+        f.write("ID_new,train,P99,ST99,0,0,0,0,0,0\n")
+    with caplog.at_level("WARNING", logger="ich"):
+        check_resume(stage, stage_stamp(cfg, stage), run_dir)
+    assert "other settings or data (input changed: " in caplog.text and "splits.csv" in caplog.text
+    assert not best.exists()

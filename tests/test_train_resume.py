@@ -8,6 +8,8 @@ import signal
 import subprocess
 import sys
 import time
+
+import pytest
 from pathlib import Path
 
 from ich import config
@@ -98,6 +100,7 @@ def test_sigkill_in_each_phase_resumes_at_the_last_finished_epoch(tmp_path):
     assert not (run_dir / "backup" / "stage1_finetune").exists()  # backup removed when done
 
 
+@pytest.mark.slow  # two `ich train` processes (~35 s quiet); the resume rule's own test is fast
 def test_killed_run_resplit_starts_the_stage_fresh(tmp_path):
     """Killed mid-phase, then the split changes (another seed): resuming would keep a "best"
     model chosen on patients that may now be test patients, so the stage starts over and the
