@@ -6,7 +6,8 @@ on `ich synth --masks` phantoms (the baseline in the same run).
     .venv/bin/python bench/explain_hit_rate.py --model runs/demo --patients 40 --labels any subdural
 
 Prints, over the slices positive for each label: the hit rate of the heatmap peak, the expected
-hit rate of a point drawn uniformly in the image and inside the head, and their ratio. The
+hit rate of a point drawn uniformly in the image and inside the head, their ratio, and the
+median distance from the peak to the nearest blood pixel. The
 detector (tests/blood_detector.py) is a pooled-then-dense model with hand-set weights that
 responds to blood brightness away from bone; with --model the run's own stages are explained
 (`any` by stage 1, a subtype by stage 2; the phantoms get the run's windows, image size and
@@ -44,6 +45,8 @@ def main() -> None:
     parser.add_argument("--strides", nargs="+", type=int, default=[32, 16, 8],
                         help="feature strides to compare (explain.feature_stride; --model only)")
     args = parser.parse_args()
+    # RSNA's (and ich synth's) "ID_..." UIDs are not valid UIs: pydicom warns once per file read.
+    warnings.filterwarnings("ignore", message="Invalid value for VR UI")
     from machine import describe  # bench/machine.py, beside this script
 
     print(describe(), flush=True)
@@ -62,7 +65,7 @@ def main() -> None:
             print(f"Grad-CAM of any, the hand-weighted blood detector, {_counted(masks)} at {args.size} px "
                   f"({args.patients} phantom patients, seed {args.seed}):")
             _print_rates(None, None, masks, heads)
-            _print_rates("peak", heats, masks, heads)
+            _print_rates("Grad-CAM", heats, masks, heads)
             return
         from ich.evaluation.cascade_file import to_model_input
         from ich.evaluation.inference import load_cascade
@@ -128,8 +131,18 @@ def _print_rates(what, heats, masks, heads) -> None:
         return
     hit = explain.hit_rate(heats, masks)
     in_head = explain.random_hit_rate(masks, heads)
-    print(f"  {what}: peak inside the blood {hit:.3f} (x{hit / max(in_head, 1e-12):.1f} a random point in the head)",
-          flush=True)
+    print(f"  {what}: peak inside the blood {hit:.3f} (x{hit / max(in_head, 1e-12):.1f} a random point in the head), "
+          f"median {_median_distance(heats, masks):.1f} px from it", flush=True)
+
+
+def _median_distance(heats, masks) -> float:
+    """Median over slices of the distance (px) from the heatmap peak to the nearest blood pixel."""
+    import numpy as np
+
+    from ich.evaluation import explain
+
+    return float(np.median([np.sqrt(((np.argwhere(m) - explain.peak(h)) ** 2).sum(axis=1)).min()
+                            for h, m in zip(heats, masks)]))
 
 
 def context_inputs(root: Path, ids: list[str], spec, size: int):

@@ -19,8 +19,8 @@ def _cells(model, target, size):
     return tuple(maps[0].shape[1:3])
 
 
-def test_the_layer_rule_at_stride_16_and_32_on_both_backbone_families():
-    # 64 px: stride 16 -> 64 / 16 = 4 cells a side, stride 32 -> 2.
+def test_the_layer_rule_at_strides_8_16_and_32_on_both_backbone_families():
+    # 64 px: stride 8 -> 64 / 8 = 8 cells a side, 16 -> 4, 32 -> 2.
     keras.utils.set_random_seed(0)
     stage2 = build_stage2(["EfficientNetV2B0", "ConvNeXtTiny"], (64, 64, 9), fusion_dim=16, attention_heads=2)
     efficientnet, convnext = feature_maps.targets(stage2, 16)
@@ -34,6 +34,11 @@ def test_the_layer_rule_at_stride_16_and_32_on_both_backbone_families():
     assert convnext.name.startswith("backbone_ConvNeXtTiny/convnext_tiny/")
     assert _cells(stage2, convnext, 64) == (4, 4)
     assert convnext.rows == Axis(16.0, 7.5)
+    efficientnet, convnext = feature_maps.targets(stage2, 8)
+    # Block 3 (two repeats) is EfficientNetV2B0's last at stride 8: centres 1 + 2 + 4 = 7 px down.
+    assert efficientnet.name == "backbone_EfficientNetV2B0/efficientnetv2-b0/block3b_add"
+    assert [_cells(stage2, t, 64) for t in (efficientnet, convnext)] == [(8, 8), (8, 8)]
+    assert (efficientnet.rows, convnext.rows) == (Axis(8.0, 7.0), Axis(8.0, 3.5))
     last = feature_maps.targets(stage2, 32)
     assert [t.name for t in last] == ["backbone_EfficientNetV2B0", "backbone_ConvNeXtTiny"]
     assert [_cells(stage2, t, 64) for t in last] == [(2, 2), (2, 2)]
@@ -42,10 +47,30 @@ def test_the_layer_rule_at_stride_16_and_32_on_both_backbone_families():
         feature_maps.targets(stage2, 64)
 
 
-def test_stage1_target_at_stride_16_is_6x6_at_96_px():
+def test_the_default_layer_of_stage1_is_12x12_at_96_px():
+    from ich import config
+
+    stride = config.load(None, [])["explain"]["feature_stride"]
+    assert stride == 8
     stage1 = build_stage1("EfficientNetV2B0", 96)
-    (target,) = feature_maps.targets(stage1, 16)
-    assert target.name.endswith("/block5e_add") and _cells(stage1, target, 96) == (6, 6)
+    (target,) = feature_maps.targets(stage1, stride)
+    assert target.name.endswith("/block3b_add") and _cells(stage1, target, 96) == (12, 12)
+
+
+def test_label_heatmaps_explain_at_the_given_stride():
+    from types import SimpleNamespace
+
+    from ich.evaluation.explain import gradcam
+    from ich.steps.explain import label_heatmaps
+
+    keras.utils.set_random_seed(2)
+    stage1 = build_stage1("EfficientNetV2B0", 32)
+    cascade = SimpleNamespace(meta={"stages": [{"name": "stage1", "labels": ["any"]}]},
+                              models={"stage1": stage1}, image_size=32)
+    x = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
+    at_8 = label_heatmaps(cascade, x, "any", 8)
+    np.testing.assert_allclose(at_8, gradcam(stage1, x, 0, 8), atol=1e-6)
+    assert not np.allclose(at_8, label_heatmaps(cascade, x, "any", 32))
 
 
 def _toy():

@@ -8,7 +8,7 @@ Grad-CAM (Selvaraju et al. 2017): with feature maps A (h, w, C) and the gradient
 output's log-odds with respect to them, weights a_c = mean over (h, w) of G_c, map =
 ReLU(sum_c a_c A_c), placed on the image (bilinear between the cells' receptive-field
 centres, `place`) and divided by its maximum. Which maps: ich.evaluation.feature_maps.targets
-at a feature stride (explain.feature_stride, 16 by default): each backbone's last residual
+at a feature stride (explain.feature_stride, 8 by default): each backbone's last residual
 block at that stride, or at 32 its last feature map (both backbones in stage 2, whose placed
 maps are summed); a model without a backbone at the input of its last GlobalAveragePooling2D.
 Gradients come from ich.backend.gradients, so torch, JAX and TensorFlow all work.
@@ -17,8 +17,8 @@ Plain CAM (Zhou et al. 2016): for a pooled-then-dense head (stage 1: backbone ->
 average pool -> dense), the logit is mean_hw(sum_c W_c A_c) + b exactly, so the map
 sum_c W_c A_c is that logit's decomposition over positions; Grad-CAM's weights on the
 backbone's last map (stride 32) are then W / (h w), the same map up to a positive factor
-(tested). At stride 16 the head is no longer linear in the map, and Grad-CAM is what is exact
-to ask for: the gradient-weighted map of the block there.
+(tested). At a smaller stride the rest of the network is not linear in the map, and Grad-CAM
+(the gradient-weighted map of the block there) is what is used.
 
 The gradient is taken of the probability and divided by p (1 - p) (which turns it into the
 gradient of the log-odds without ever taking the log of a saturated 1.0); a positive factor

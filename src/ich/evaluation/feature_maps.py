@@ -10,11 +10,12 @@ differentiates through).
 The layer rule (`targets`), per backbone of the model:
 - stride 32, the stride of every registered backbone's output: the backbone's output, its last
   feature map (EfficientNetV2's top activation, ConvNeXt's final LayerNorm);
-- a smaller stride (16 by default, `explain.feature_stride`): the output of the backbone's last
-  residual block at that stride (its last sum of two maps there: the end of the stage that the
-  next downsampling reads). For EfficientNetV2B0 at 16 that is block5e_add, for ConvNeXt the last
-  block of its third stage; 6 x 6 cells at 96 px, 16 x 16 at 256 px, where the last map has 3 x 3
-  and 8 x 8.
+- a smaller stride (4, 8 or 16; `explain.feature_stride`, 8 by default): the output of the
+  backbone's last residual block at that stride (its last sum of two maps there: the end of the
+  stage that the next downsampling reads). EfficientNetV2B0: block3b_add at 8, block5e_add at
+  16, block2b_add at 4; ConvNeXt: the last block of its second stage at 8 (third at 16, first at
+  4). At 8: 12 x 12 cells at 96 px and 32 x 32 at 256 px, where the last map has 3 x 3 and 8 x 8.
+  Why 8: bench/explain_hit_rate.py on the demo model (README, Measured).
 A model without a backbone (hand-built test models) is explained at the input of its last
 GlobalAveragePooling2D, whatever the stride.
 
