@@ -15,7 +15,7 @@ import pytest
 
 from ich import config
 from ich.backend import gradients
-from ich.evaluation import explain
+from ich.evaluation import explain, feature_maps
 from ich.steps.explain import EXPLANATIONS_CSV, explain_paths
 from ich.synth import generate
 from blood_detector import build_blood_detector, lesion_slices
@@ -51,29 +51,25 @@ def test_gradcam_of_a_pooled_dense_head_is_plain_cam():
     assert explain.peak(heat[0]) == explain.peak(images[0, ..., 0])
 
 
-def test_gradcam_stage1_backbone_equals_cam_and_stage2_runs_from_features():
+def test_gradcam_of_stage1s_last_map_is_plain_cam_and_both_stages_explain_at_stride_16():
     from ich.models.cascade import build_stage1, build_stage2
 
     keras.utils.set_random_seed(0)
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, (2, 32, 32, 3)).astype(np.uint8)
     stage1 = build_stage1("EfficientNetV2B0", 32)
-    features = keras.Model(stage1.inputs[0], explain.feature_tensors(stage1)).predict(x / 255.0, verbose=0)
+    (last,) = feature_maps.targets(stage1, 32)
+    _, (features,) = feature_maps.run(stage1, x.astype("float32") / 255, [last])
     kernel = stage1.get_layer("any").get_weights()[0][:, 0]
-    cam = np.maximum(explain.class_activation_map(features, kernel), 0)
-    expected = explain.normalise(np.stack([cv2.resize(c.astype(np.float32), (32, 32)) for c in cam]))
-    np.testing.assert_allclose(explain.gradcam(stage1, x, 0), expected, atol=1e-4)
+    cam = np.maximum(explain.class_activation_map(keras.ops.convert_to_numpy(features), kernel), 0)
+    expected = explain.normalise(explain.place(cam, last, (32, 32)))
+    np.testing.assert_allclose(explain.gradcam(stage1, x, 0, stride=32), expected, atol=1e-4)
 
     stage2 = build_stage2(["EfficientNetV2B0", "ConvNeXtTiny"], 32, fusion_dim=32, attention_heads=2)
-    tensors = explain.feature_tensors(stage2)
-    assert len(tensors) == 2
-    maps = keras.Model(stage2.inputs[0], tensors).predict(x / 255.0, verbose=0)
-    rerun = explain._run_from_features(stage2, x.astype("float32") / 255.0, tensors,
-                                       [keras.ops.convert_to_tensor(m) for m in maps])
-    np.testing.assert_allclose(keras.ops.convert_to_numpy(rerun), stage2.predict(x / 255.0, verbose=0),
-                               atol=1e-5)
-    heat = explain.gradcam(stage2, x, 3)
-    assert heat.shape == (2, 32, 32) and heat.max() <= 1.0 and heat.min() >= 0.0
+    for model, column in ((stage1, 0), (stage2, 3)):
+        heat = explain.gradcam(model, x, column, stride=16)
+        assert heat.shape == (2, 32, 32) and heat.max() <= 1.0 and heat.min() >= 0.0
+        assert not np.allclose(heat, explain.gradcam(model, x, column, stride=32))
 
 
 def test_heatmap_peak_falls_in_the_lesion_far_more_often_than_a_random_point(phantoms):

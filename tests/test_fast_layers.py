@@ -157,4 +157,4 @@ def test_backbone_outputs_unchanged_on_torch_and_jax(tmp_path):
     (9, 3, 2, 1, (1, 1)), (10, 3, 2, 1, (0, 1)), (10, 3, 1, 1, (1, 1)), (8, 2, 1, 2, (1, 1)),
     (7, 1, 2, 1, (0, 0)), (11, 5, 2, 1, (2, 2))])
 def test_same_padding_pads_like_keras(length, kernel, stride, dilation, want):
-    assert fast_layers._same_padding(length, kernel, stride, dilation) == want
+    assert fast_layers.same_padding(length, kernel, stride, dilation) == want

@@ -214,6 +214,10 @@ class Evaluate(Section):
     natural_prevalence: bool
 
 
+class Explain(Section):
+    feature_stride: Literal[4, 8, 16, 32]
+
+
 class Predict(Section):
     batch_size: PositiveInt
     workers: Workers
@@ -247,6 +251,7 @@ class Config(Section):
     train: Train
     sequence: Sequence
     evaluate: Evaluate
+    explain: Explain
     predict: Predict
     tracking: Literal["none", "mlflow"]
     mlflow: Mlflow

@@ -6,15 +6,19 @@ the output), uint8 RGB overlays, and the hit statistics of heatmap peaks against
 
 Grad-CAM (Selvaraju et al. 2017): with feature maps A (h, w, C) and the gradient G of the
 output's log-odds with respect to them, weights a_c = mean over (h, w) of G_c, map =
-ReLU(sum_c a_c A_c), upsampled to the image and divided by its maximum. The feature maps are
-the outputs of the model's backbones (both of them in stage 2, whose maps are summed after
-upsampling), or, for a model without a backbone, the input of its last GlobalAveragePooling2D.
+ReLU(sum_c a_c A_c), placed on the image (bilinear between the cells' receptive-field
+centres, `place`) and divided by its maximum. Which maps: ich.evaluation.feature_maps.targets
+at a feature stride (explain.feature_stride, 8 by default): each backbone's last residual
+block at that stride, or at 32 its last feature map (both backbones in stage 2, whose placed
+maps are summed); a model without a backbone at the input of its last GlobalAveragePooling2D.
 Gradients come from ich.backend.gradients, so torch, JAX and TensorFlow all work.
 
 Plain CAM (Zhou et al. 2016): for a pooled-then-dense head (stage 1: backbone -> global
 average pool -> dense), the logit is mean_hw(sum_c W_c A_c) + b exactly, so the map
-sum_c W_c A_c is that logit's decomposition over positions; Grad-CAM's weights are then W / (h w),
-the same map up to a positive factor (tested).
+sum_c W_c A_c is that logit's decomposition over positions; Grad-CAM's weights on the
+backbone's last map (stride 32) are then W / (h w), the same map up to a positive factor
+(tested). At a smaller stride the rest of the network is not linear in the map, and Grad-CAM
+(the gradient-weighted map of the block there) is what is used.
 
 The gradient is taken of the probability and divided by p (1 - p) (which turns it into the
 gradient of the log-odds without ever taking the log of a saturated 1.0); a positive factor
@@ -26,56 +30,66 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+from ich.evaluation.feature_maps import BACKBONE_STRIDE, run, targets
+
 # Heatmap colours: OpenCV's JET map, blended over the grey blood window at this weight.
 OVERLAY_ALPHA = 0.45
 # Maps this close to zero everywhere carry no evidence: they stay all-zero, not rescaled noise.
 EPS = 1e-12
 
 
-def feature_tensors(model) -> list:
-    """The symbolic feature maps Grad-CAM explains (see the module docstring)."""
-    import keras
-
-    from ich.models.cascade import backbone_layers
-
-    backbones = backbone_layers(model)
-    if backbones:
-        # A nested model's `.output` is its own graph's; the tensor it produced where the
-        # stage called it is the output of its (single) inbound node.
-        return [b._inbound_nodes[-1].outputs[0] for b in backbones]
-    pools = [layer for layer in model.layers if isinstance(layer, keras.layers.GlobalAveragePooling2D)]
-    if not pools:
-        raise ValueError(f"model {model.name!r} has no backbone and no GlobalAveragePooling2D: "
-                         "nothing to explain")
-    return [pools[-1].input]
-
-
-def gradcam(model, images, column: int = 0, batch_size: int = 16) -> np.ndarray:
-    """Grad-CAM of output `column` of `model` for images (N, S, S, 3) uint8 or float [0, 1].
+def gradcam(model, images, column: int = 0, stride: int = BACKBONE_STRIDE, batch_size: int = 16) -> np.ndarray:
+    """Grad-CAM of output `column` of `model` for images (N, S, S, C) uint8 or float [0, 1], on
+    the feature maps ich.evaluation.feature_maps.targets chooses at `stride`.
     Out: float32 (N, S, S) heatmaps in [0, 1] at the image's resolution."""
-    import keras
-
     x_all = _to_float(images)
-    features = feature_tensors(model)
-    from_input = len(features) == 1 and any(features[0] is t for t in model.inputs)
-    inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
-    feature_model = None if from_input else keras.Model(inputs, features)
+    chosen = targets(model, stride)
     out = np.zeros(x_all.shape[:3], dtype=np.float32)
     for start in range(0, len(x_all), batch_size):
         x = x_all[start:start + batch_size]
-        maps = [x] if from_input else _as_list(feature_model.predict_on_batch(x))
-        maps = [np.asarray(m, dtype=np.float32) for m in maps]
-        probs = np.asarray(model.predict_on_batch(x), dtype=np.float64)[:, column]
-        grads = _feature_gradients(model, x, features, maps, column, from_input)
-        scale = 1.0 / np.maximum(probs * (1 - probs), EPS)
         heat = np.zeros(x.shape[:3], dtype=np.float64)
-        for a, g in zip(maps, grads):
-            g = g.astype(np.float64) * scale[:, None, None, None]
-            weights = g.mean(axis=(1, 2))                              # (n, C)
-            cam = np.maximum(np.einsum("nhwc,nc->nhw", a.astype(np.float64), weights), 0.0)
-            heat += np.stack([_upsample(c, x.shape[1:3]) for c in cam])
+        for target, cam in zip(chosen, cell_maps(model, x, column, chosen)):
+            heat += place(cam, target, x.shape[1:3])
         out[start:start + len(x)] = normalise(heat)
     return out
+
+
+def cell_maps(model, x: np.ndarray, column: int, chosen: list) -> list[np.ndarray]:
+    """Grad-CAM at the cells of each target, before placing on the image: for float32 model
+    inputs x (n, S, S, C), one float64 (n, h, w) map per target, ReLU(sum_c a_c A_c)."""
+    import keras
+
+    out, maps = run(model, x, chosen)
+    maps = [np.asarray(keras.ops.convert_to_numpy(m), dtype=np.float32) for m in maps]
+    probs = np.asarray(keras.ops.convert_to_numpy(out), dtype=np.float64)[:, column]
+    grads = _feature_gradients(model, x, chosen, maps, column)
+    scale = 1.0 / np.maximum(probs * (1 - probs), EPS)
+    cams = []
+    for a, g in zip(maps, grads):
+        weights = (g.astype(np.float64) * scale[:, None, None, None]).mean(axis=(1, 2))  # (n, C)
+        cams.append(np.maximum(np.einsum("nhwc,nc->nhw", a.astype(np.float64), weights), 0.0))
+    return cams
+
+
+def place(cams: np.ndarray, target, shape) -> np.ndarray:
+    """Cell maps (n, h, w) of `target` -> (n, H, W) on the model input: bilinear between the
+    cells' receptive-field centres (target.rows / .cols), constant beyond the outermost ones."""
+    rows = interpolation_matrix(int(shape[0]), cams.shape[1], target.rows)
+    cols = interpolation_matrix(int(shape[1]), cams.shape[2], target.cols)
+    return np.einsum("Yh,nhw,Xw->nYX", rows, np.asarray(cams, np.float64), cols)
+
+
+def interpolation_matrix(pixels: int, cells: int, axis) -> np.ndarray:
+    """(pixels, cells) weights of linear interpolation along one axis: pixel y takes cell
+    position u = (y - axis.offset) / axis.stride, clipped to [0, cells - 1], shared between the
+    cells floor(u) and floor(u) + 1 (each row sums to 1)."""
+    u = np.clip((np.arange(pixels) - axis.offset) / axis.stride, 0, cells - 1)
+    low = np.floor(u).astype(int)
+    high = np.minimum(low + 1, cells - 1)
+    weights = np.zeros((pixels, cells))
+    np.add.at(weights, (np.arange(pixels), low), 1 - (u - low))
+    np.add.at(weights, (np.arange(pixels), high), u - low)
+    return weights
 
 
 def class_activation_map(features: np.ndarray, kernel_column: np.ndarray) -> np.ndarray:
@@ -127,7 +141,7 @@ def random_hit_rate(masks: np.ndarray, regions: np.ndarray | None = None) -> flo
     return float(np.mean(inside / np.maximum(area, 1)))
 
 
-def _feature_gradients(model, x, features, maps, column, from_input):
+def _feature_gradients(model, x, chosen, maps, column):
     """d p[:, column] / d feature maps, per image (the sum over the batch: images are
     independent at inference, so each image's gradient is its own)."""
     import keras
@@ -135,36 +149,11 @@ def _feature_gradients(model, x, features, maps, column, from_input):
     from ich.backend import gradients
 
     def head(tensors):
-        if from_input:
-            out = model(tensors[0], training=False)
-        else:
-            out = _run_from_features(model, x, features, tensors)
+        out, _ = run(model, x, chosen, replace=tensors)
         return keras.ops.sum(keras.ops.cast(out[:, column], "float32"))
 
     _, grads = gradients(head, maps)
     return grads
-
-
-def _run_from_features(model, x, features, tensors):
-    """The model's output with its feature layers' outputs replaced by `tensors`.
-
-    Keras has no public "call from an intermediate layer"; a functional model runs its graph
-    through `_run_through_graph(inputs, operation_fn)`, and swapping each backbone for a
-    function that returns the given tensor makes the rest of the graph a differentiable
-    function of the features. tests/test_explain.py checks that this reproduces the model's
-    output, so a Keras change that breaks it fails loudly there.
-    """
-    replaced = {id(f._keras_history.operation): t for f, t in zip(features, tensors)}
-
-    def operation_fn(op):
-        if id(op) in replaced:
-            value = replaced[id(op)]
-            return lambda *args, **kwargs: value
-        return op
-
-    import keras
-
-    return model._run_through_graph(keras.ops.convert_to_tensor(x), operation_fn=operation_fn)
 
 
 def _to_float(images) -> np.ndarray:
@@ -178,7 +167,3 @@ def _upsample(cam: np.ndarray, shape) -> np.ndarray:
     if cam.shape[:2] == tuple(shape[:2]):
         return cam
     return cv2.resize(np.asarray(cam, np.float32), (int(shape[1]), int(shape[0])), interpolation=cv2.INTER_LINEAR)
-
-
-def _as_list(value) -> list:
-    return list(value) if isinstance(value, (list, tuple)) else [value]

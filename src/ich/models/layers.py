@@ -68,7 +68,7 @@ def _torch_fast(inputs, data_format: str = "channels_last") -> bool:
     return keras.backend.standardize_dtype(inputs.dtype) == "float32"
 
 
-def _same_padding(length: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
+def same_padding(length: int, kernel: int, stride: int, dilation: int) -> tuple[int, int]:
     """(before, after) of "same" padding along one axis, as Keras and TensorFlow pad: the extra
     pixel of an odd total goes after."""
     effective = (kernel - 1) * dilation + 1
@@ -91,7 +91,7 @@ def torch_conv2d(inputs, kernel, strides, padding: str, dilation_rate):
     pad = (0, 0)
     if padding == "same":
         (top, bottom), (left, right) = (
-            _same_padding(x.shape[2 + i], w.shape[2 + i], strides[i], dilation_rate[i]) for i in range(2))
+            same_padding(x.shape[2 + i], w.shape[2 + i], strides[i], dilation_rate[i]) for i in range(2))
         if (top, left) == (bottom, right):
             pad = (top, left)
         else:

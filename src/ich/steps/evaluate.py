@@ -62,7 +62,8 @@ def stamps(cfg: dict) -> list[Stamp]:
     except (FileNotFoundError, ValueError):
         pass  # no run yet: cascade.json alone marks the evaluation stale
     natural = [work / INDEX_PARQUET, work / LABELS_CSV] if cfg["evaluate"]["natural_prevalence"] else []
-    return [Stamp("evaluate", run_dir, settings={"seed": cfg["seed"], "evaluate": cfg["evaluate"]},
+    return [Stamp("evaluate", run_dir, settings={"seed": cfg["seed"], "evaluate": cfg["evaluate"],
+                                                    "explain": cfg["explain"]},
                   inputs=[run_dir / CASCADE_JSON, *models, work / SPLITS_CSV,
                           record_path(work, "preprocess"), *natural],
                   outputs=[eval_dir / METRICS_JSON, eval_dir / REPORT_MD, eval_dir / PREDICTIONS_CSV])]
@@ -180,7 +181,8 @@ def run(cfg: dict, force: bool = False) -> Path:
                       test_set=test_set_text(test_table, len(studies)), comparison=comparison,
                       study_source=("the sequence stage's output for the study (its highest over the "
                                     "study's series)" if has_sequence else None),
-                      examples=gradcam_examples(cascade, test, rows, ids, test_prob),
+                      examples=gradcam_examples(cascade, test, rows, ids, test_prob,
+                                                        int(cfg["explain"]["feature_stride"])),
                       notes=["Thresholds: " + source + f", by {method}.",
                              "Subtype probabilities are p(any) x p(subtype | any).",
                              "The test split is drawn from the seed's balanced sample, so its "
@@ -253,9 +255,9 @@ def test_set_text(table: pd.DataFrame, n_studies: int) -> str:
             f"({n_studies} studies); {100 * share:.1f}% of images positive for any hemorrhage.")
 
 
-def gradcam_examples(cascade, test, rows: list[int], ids, probs: np.ndarray) -> list:
+def gradcam_examples(cascade, test, rows: list[int], ids, probs: np.ndarray, stride: int) -> list:
     """report.html's Grad-CAM overlays: for each example test image, the heatmap of every label
-    at or above its threshold (of `any` when none is)."""
+    at or above its threshold (of `any` when none is), at feature stride `stride`."""
     import cv2
 
     from ich.evaluation.explain import overlay
@@ -276,7 +278,7 @@ def gradcam_examples(cascade, test, rows: list[int], ids, probs: np.ndarray) -> 
                                                  for i, lb in enumerate(LABELS)))]
         if not chosen:
             continue
-        for k, heat in zip(chosen, label_heatmaps(cascade, inputs[chosen], label)):
+        for k, heat in zip(chosen, label_heatmaps(cascade, inputs[chosen], label, stride)):
             ok, data = cv2.imencode(".png", cv2.cvtColor(overlay(slices[k], heat), cv2.COLOR_RGB2BGR))
             if ok:
                 out.append(Example(data.tobytes(), f"{ids[rows[k]]} {label} p={probs[rows[k], j]:.3f}"))

@@ -102,7 +102,8 @@ def run_external(run_dir: Path, dataset: str, data: Path, out_dir: Path, cfg: di
                       test_set=f"{dataset} at {data.name}: {len(joined)} studies scored "
                                f"({len(scored)} slices); {len(failures)} files or studies could not "
                                "be used (failures.csv).",
-                      examples=example_overlays(cascade, scored, slices, int(cfg["evaluate"]["report_examples"])),
+                      examples=example_overlays(cascade, scored, slices, int(cfg["evaluate"]["report_examples"]),
+                                                int(cfg["explain"]["feature_stride"])),
                       notes=external_notes(dataset))
     path = write_json(metrics, out_dir / METRICS_JSON)
     auc = metrics["studies"]["labels"].get("any", {})
@@ -158,9 +159,9 @@ def level_data(name: str, joined: pd.DataFrame, labels: list[str], groups) -> tu
     return y_true, y_prob, np.asarray(groups).astype(str), labels
 
 
-def example_overlays(cascade, scored: pd.DataFrame, slices: np.ndarray, k: int) -> list:
-    """Grad-CAM overlays of `any` on the highest-scoring slice of the k studies most likely
-    positive, as report.html examples."""
+def example_overlays(cascade, scored: pd.DataFrame, slices: np.ndarray, k: int, stride: int) -> list:
+    """Grad-CAM overlays of `any` (at feature stride `stride`) on the highest-scoring slice of
+    the k studies most likely positive, as report.html examples."""
     import cv2
 
     from ich.data.inputs import neighbour_rows
@@ -175,7 +176,7 @@ def example_overlays(cascade, scored: pd.DataFrame, slices: np.ndarray, k: int) 
     neighbours = neighbour_rows(scored["series_id"], scored["position"], spec.offsets)
     rows = best.index.to_numpy()
     inputs = spec.assemble(slices[neighbours[rows]])
-    heats = label_heatmaps(cascade, inputs, "any")
+    heats = label_heatmaps(cascade, inputs, "any", stride)
     out = []
     for i, heat, (_, row) in zip(rows, heats, best.iterrows()):
         ok, data = cv2.imencode(".png", cv2.cvtColor(overlay(slices[i], heat), cv2.COLOR_RGB2BGR))

@@ -2,7 +2,7 @@
 
 In: paths (as `ich predict` takes them: DICOM files, folders, windowed RGB PNGs), a run
 directory (cascade.json and the stage models) and the config (predict.batch_size,
-predict.workers). Out, in DIR:
+predict.workers, explain.feature_stride). Out, in DIR:
 - <image_id>_<label>.png: the blood window in grey with the label's Grad-CAM heatmap on top,
   for each image and each label at or above its threshold (`every_label`: all six labels);
   `any` is explained through stage 1, each subtype through its output of stage 2;
@@ -77,7 +77,7 @@ def explain_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict,
     probs = cascade.predict(inputs, batch_size=int(cfg["predict"]["batch_size"]))
     ids = [str(r["image_id"]) for r in info_rows]
     rows = write_overlays(out_dir, cascade, inputs, slices, ids, names, probs, cascade.image_thresholds,
-                          every_label)
+                          int(cfg["explain"]["feature_stride"]), every_label)
     path = write_csv(pd.DataFrame(rows, columns=["image_id", "file", "label", "probability", "threshold",
                                                  "overlay", "peak_row", "peak_col"]),
                      out_dir / EXPLANATIONS_CSV)
@@ -87,9 +87,10 @@ def explain_paths(paths: list[Path], run_dir: Path, out_dir: Path, cfg: dict,
 
 
 def write_overlays(out_dir: Path, cascade, inputs: np.ndarray, slices: np.ndarray, ids, names,
-                   probs: np.ndarray, thresholds: dict, every_label: bool = False) -> list[dict]:
+                   probs: np.ndarray, thresholds: dict, stride: int, every_label: bool = False) -> list[dict]:
     """Compute the heatmaps each input needs (`inputs`: the model's, `slices`: each target
-    slice's RGB windows, drawn under the heat), write the overlays, return the table rows."""
+    slice's RGB windows, drawn under the heat; `stride`: explain.feature_stride), write the
+    overlays, return the table rows."""
     import cv2
 
     from ich.constants import LABELS
@@ -101,7 +102,7 @@ def write_overlays(out_dir: Path, cascade, inputs: np.ndarray, slices: np.ndarra
         wanted = np.flatnonzero(np.ones(len(inputs), bool) if every_label else probs[:, j] >= thresholds[label])
         if not len(wanted):
             continue
-        heats = label_heatmaps(cascade, inputs[wanted], label)
+        heats = label_heatmaps(cascade, inputs[wanted], label, stride)
         for i, heat in zip(wanted, heats):
             name = f"{ids[i]}_{label}.png"
             ok, data = cv2.imencode(".png", cv2.cvtColor(overlay(slices[i], heat), cv2.COLOR_RGB2BGR))
@@ -114,17 +115,23 @@ def write_overlays(out_dir: Path, cascade, inputs: np.ndarray, slices: np.ndarra
     return rows
 
 
-def label_heatmaps(cascade, inputs: np.ndarray, label: str) -> np.ndarray:
+def label_heatmaps(cascade, inputs: np.ndarray, label: str, stride: int) -> np.ndarray:
     """Grad-CAM heatmaps (N, S, S) of one label from the stage that predicts it (cascade.json's
     stage list): `any` from stage 1, a subtype from its column of stage 2 (p(subtype | any):
-    where the model sees that kind of blood)."""
+    where the model sees that kind of blood), each backbone explained at feature stride
+    `stride` (explain.feature_stride; the layer rule is ich.evaluation.feature_maps')."""
     from ich.evaluation.explain import gradcam
     from ich.evaluation.cascade_file import to_model_input
 
+    model, column = label_output(cascade, label)
+    return gradcam(model, to_model_input(np.asarray(inputs), cascade.image_size), column, stride)
+
+
+def label_output(cascade, label: str):
+    """(the stage model that predicts `label`, its output column), from cascade.json's stages."""
     for stage in cascade.meta["stages"]:
         if label in stage["labels"]:
-            x = to_model_input(np.asarray(inputs), cascade.image_size)
-            return gradcam(cascade.models[stage["name"]], x, list(stage["labels"]).index(label))
+            return cascade.models[stage["name"]], list(stage["labels"]).index(label)
     raise ValueError(f"no stage of the cascade predicts {label!r}")
 
 
