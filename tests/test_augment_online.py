@@ -11,6 +11,7 @@ import pytest
 
 from ich import config
 from ich.models.online_augment import online_augmentation
+from ich.models import warp
 from ich.models.warp import RandomWarp, bilinear_sample
 
 
@@ -72,6 +73,36 @@ def test_bilinear_sample_hand_computed():
     # 90 degrees about the centre: (y, x) reads (x, 1 - y).
     out = numpy(bilinear_sample(image, xx[None], 1.0 - yy[None]))[0, ..., 0]
     np.testing.assert_allclose(out, [[2.0, 6.0], [0.0, 4.0]])
+
+
+def test_torch_grid_sample_equals_the_keras_ops_gather():
+    # The torch fast path against the keras.ops code every other backend runs: coordinates
+    # inside, between pixels, on the edges and outside (which read 0), a non-square image.
+    rng = np.random.default_rng(5)
+    images = rng.random((3, 11, 14, 3), dtype=np.float32)
+    src_y = rng.uniform(-2.0, 12.5, (3, 11, 14)).astype("float32")
+    src_x = rng.uniform(-2.0, 15.5, (3, 11, 14)).astype("float32")
+    src_y[0, 0, :4], src_x[0, 0, :4] = [0.0, 10.0, 0.0, 10.0], [0.0, 0.0, 13.0, 13.0]  # corners
+    out = warp.bilinear_sample_torch(images, src_y, src_x)
+    assert out.is_contiguous()  # channels-last memory: a view of NCHW would slow the backbone
+    fast = numpy(out)
+    plain = numpy(warp.bilinear_sample_ops(images, src_y, src_x))
+    assert fast.shape == plain.shape == images.shape
+    np.testing.assert_allclose(fast, plain, atol=2e-6)
+    assert (plain == 0).any() and np.allclose(fast[0, 0, 0], images[0, 0, 0])
+
+
+def test_torch_field_of_the_drawn_images_equals_the_keras_ops_field():
+    rng = np.random.default_rng(6)
+    coarse = rng.uniform(-1, 1, (5, warp.ELASTIC_GRID, warp.ELASTIC_GRID, 2)).astype("float32")
+    drawn = keras.ops.convert_to_tensor(np.array([True, False, True, False, False]))
+    fast = numpy(warp.drawn_field_torch(keras.ops.convert_to_tensor(coarse), drawn, 2.5, 24, 20))
+    plain = numpy(warp.drawn_field(coarse, drawn, 2.5, 24, 20))
+    assert fast.shape == plain.shape == (5, 24, 20, 2)
+    np.testing.assert_allclose(fast, plain, atol=1e-6)
+    assert not fast[1].any() and fast[0].any()
+    none = keras.ops.convert_to_tensor(np.zeros(5, bool))
+    assert not numpy(warp.drawn_field_torch(keras.ops.convert_to_tensor(coarse), none, 2.5, 24, 20)).any()
 
 
 def test_elastic_displacement_stays_small():

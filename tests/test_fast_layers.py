@@ -158,3 +158,21 @@ def test_backbone_outputs_unchanged_on_torch_and_jax(tmp_path):
     (7, 1, 2, 1, (0, 0)), (11, 5, 2, 1, (2, 2))])
 def test_same_padding_pads_like_keras(length, kernel, stride, dilation, want):
     assert fast_layers.same_padding(length, kernel, stride, dilation) == want
+
+
+def test_moving_statistics_under_stateless_call_match_the_stateful_update():
+    # In place when stateful (lerp_), through assign in a stateless scope: the same numbers, and
+    # the stateless call leaves the layer's own variables untouched.
+    fast = fast_layers.with_fast_layers(randomised(small_network()))
+    before = [numpy(w) for w in fast.non_trainable_weights]
+    x = np.random.default_rng(4).random((5, 9, 10, 3), dtype=np.float32)
+    _, updated = fast.stateless_call([w.value for w in fast.trainable_weights],
+                                     [w.value for w in fast.non_trainable_weights], x, training=True)
+    for w, want in zip(fast.non_trainable_weights, before):
+        np.testing.assert_array_equal(numpy(w), want)
+    fast(x, training=True)
+    moved = 0
+    for w, got, old in zip(fast.non_trainable_weights, updated, before):
+        np.testing.assert_allclose(numpy(got), numpy(w), atol=ATOL)
+        moved += not np.allclose(numpy(w), old)
+    assert moved == len(before)

@@ -27,6 +27,7 @@ from ich.constants import CASCADE_JSON, IMAGE, LABELS
 from ich.data.series import pack, series_runs, unpack
 from ich.evaluation.cascade_file import CascadeBase, batch_length, pad, read_cascade_json, stage_kind
 from ich.io import progress
+from ich.models.graph import with_fast_graph
 
 FEATURE_LAYER = "pool"  # each image stage's pooled features, the sequence stage's input
 SERIES_BATCH = 8        # series per forward pass of the sequence stage
@@ -80,7 +81,8 @@ class Cascade(CascadeBase):
             except ValueError as err:
                 raise ValueError(f"stage {name} has no {FEATURE_LAYER!r} layer to take features "
                                  "from; the sequence stage needs models built by `ich train`") from err
-            self._feature_models[name] = keras.Model(model.inputs[0], [pooled, model.outputs[0]])
+            self._feature_models[name] = with_fast_graph(
+                keras.Model(model.inputs[0], [pooled, model.outputs[0]]))
         return self._feature_models[name]
 
     def refine(self, series_ids, positions, probs: np.ndarray, features: np.ndarray
@@ -206,6 +208,7 @@ def load_cascade(run_dir: Path) -> Cascade:
             if shape[-1] != len(stage["labels"]):
                 raise ValueError(f"{path}: outputs {shape}, expected (None, {len(stage['labels'])}) "
                                  f"for {stage['name']}")
+            model = with_fast_graph(model)
         models[stage["name"]] = model
     return Cascade(models=models, meta=meta)
 

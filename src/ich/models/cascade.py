@@ -30,6 +30,7 @@ import keras
 
 from ich.constants import SUBTYPES
 from ich.models.backbones import PREFIX, build_backbone, check_name
+from ich.models.graph import with_fast_graph
 from ich.models.layers import TokenEmbedding
 
 STAGE2_FAMILIES = ("EfficientNetV2", "ConvNeXt")
@@ -58,7 +59,7 @@ def build_stage1(backbone: str, image_size: int | Sequence[int], weights: str | 
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.Dropout(dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", dtype="float32", name="any")(x)
-    return keras.Model(inputs, outputs, name="stage1")
+    return with_fast_graph(keras.Model(inputs, outputs, name="stage1"))
 
 
 def build_stage2(backbones: Sequence[str], image_size: int | Sequence[int], weights: str | None = None,
@@ -108,7 +109,7 @@ def build_stage2(backbones: Sequence[str], image_size: int | Sequence[int], weig
     pooled = keras.layers.Dropout(dropout, name="head_dropout")(pooled)
     outputs = keras.layers.Dense(len(SUBTYPES), activation="sigmoid", dtype="float32",
                                  name="subtypes")(pooled)
-    return keras.Model(inputs, outputs, name="stage2")
+    return with_fast_graph(keras.Model(inputs, outputs, name="stage2"))
 
 
 def backbone_layers(model: keras.Model) -> list[keras.Model]:

@@ -152,15 +152,25 @@ class FastBatchNormalization(keras.layers.BatchNormalization):
             y, mean, invstd = torch.native_batch_norm(x, gamma, beta, None, None, True, 0.0,
                                                       self.epsilon)
             with torch.no_grad():
-                variance = invstd.pow(-2) - self.epsilon
-                self.moving_mean.assign(self.moving_mean.value * self.momentum
-                                        + mean * (1.0 - self.momentum))
-                self.moving_variance.assign(self.moving_variance.value * self.momentum
-                                            + variance * (1.0 - self.momentum))
+                variance = invstd.pow(-2).sub_(self.epsilon)
+                self._update_moving(self.moving_mean, mean)
+                self._update_moving(self.moving_variance, variance)
         else:
             y = torch.nn.functional.batch_norm(x, self.moving_mean.value, self.moving_variance.value,
                                                gamma, beta, False, 0.0, self.epsilon)
         return keras.ops.cast(y.movedim(1, -1), self.compute_dtype)
+
+
+    def _update_moving(self, variable, batch_value):
+        """variable <- momentum * variable + (1 - momentum) * batch_value. In place (one lerp_
+        kernel) when the variable is stateful; a stateless scope (Keras' stateless_call) gets
+        the update through assign, which records it there."""
+        from keras.src.backend.common.stateless_scope import in_stateless_scope
+
+        if in_stateless_scope():
+            variable.assign(variable.value * self.momentum + batch_value * (1.0 - self.momentum))
+        else:
+            variable.value.lerp_(batch_value, 1.0 - self.momentum)
 
 
 # Keras layer class -> its fast twin, swapped in by `with_fast_layers`.

@@ -1,0 +1,94 @@
+"""ich.models.graph: the torch forward that calls plain layers directly, against Keras' own call.
+
+The reference is the same model object with the override removed (Keras' Functional.call),
+or a twin with the same weights where a training call moves BatchNorm statistics. Forward in
+inference and training, gradients and moving statistics must be identical: the fast path runs
+the same layer code, only without __call__ around it.
+"""
+
+import keras
+import numpy as np
+import pytest
+
+from ich.models import graph
+from ich.models.cascade import build_stage1, build_stage2
+from ich.models.layers import TokenEmbedding
+
+
+def numpy(t):
+    return keras.ops.convert_to_numpy(t)
+
+
+def network(seed: int = 0) -> keras.Model:
+    """A nested functional model (like a backbone inside a stage) with every kind of node the
+    fast path meets: direct layers with and without a training argument, merges, a layer that
+    is not direct (TokenEmbedding, through __call__), dropout."""
+    keras.utils.set_random_seed(seed)
+    inner_in = keras.Input((8, 8, 4))
+    x = keras.layers.Conv2D(6, 3, padding="same", use_bias=False)(inner_in)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Activation("swish")(x)
+    gate = keras.layers.Dense(6, activation="sigmoid")(keras.layers.GlobalAveragePooling2D(keepdims=True)(x))
+    x = keras.layers.Add()([keras.layers.Multiply()([x, gate]), x])
+    inner = keras.Model(inner_in, x, name="inner")
+    inputs = keras.Input((8, 8, 4))
+    y = inner(keras.layers.Rescaling(2.0)(inputs))
+    tokens = TokenEmbedding()(keras.layers.Reshape((64, 6))(y))
+    tokens = keras.layers.LayerNormalization()(tokens)
+    pooled = keras.layers.Dropout(0.0)(keras.layers.GlobalAveragePooling1D()(tokens))
+    return keras.Model(inputs, keras.layers.Dense(3, activation="sigmoid")(pooled))
+
+
+def test_forward_gradients_and_statistics_equal_keras_call():
+    import torch
+
+    x = np.random.default_rng(1).random((5, 8, 8, 4), dtype=np.float32)
+    fast, plain = graph.with_fast_graph(network()), network()
+    assert "call" in vars(fast) and "call" not in vars(plain)
+    plain.set_weights(fast.get_weights())
+    np.testing.assert_array_equal(numpy(fast(x, training=False)), numpy(plain(x, training=False)))
+    results = []
+    for model in (fast, plain):
+        inputs = torch.tensor(x, requires_grad=True)
+        out = model(inputs, training=True)
+        (out * torch.linspace(-1, 1, 3)).sum().backward()
+        results.append((numpy(out), inputs.grad.numpy(),
+                        [numpy(w.value.grad) for w in model.trainable_weights],
+                        [numpy(w) for w in model.non_trainable_weights]))
+    for a, b in zip(*results):
+        for u, v in zip(a if isinstance(a, list) else [a], b if isinstance(b, list) else [b]):
+            np.testing.assert_array_equal(u, v)
+    # The training call moved the BatchNorm statistics (so the comparison above means something).
+    assert not np.allclose(results[0][3][0], 0.0)
+
+
+def test_the_fast_path_runs_in_the_stage_and_its_nested_model(monkeypatch):
+    model = graph.with_fast_graph(network())
+    x = np.random.default_rng(2).random((2, 8, 8, 4), dtype=np.float32)
+    calls = []
+    real = graph.run_graph
+    monkeypatch.setattr(graph, "run_graph", lambda *a: calls.append(a[0].name) or real(*a))
+    model.predict_on_batch(x)
+    assert calls == [model.name, "inner"]  # the stage, then its nested model, both run by ich
+
+
+def test_mixed_precision_models_keep_keras_call():
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        model = graph.with_fast_graph(network())
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert "call" not in vars(model)
+
+
+@pytest.mark.parametrize("stage", ["stage1", "stage2"])
+def test_stage_models_are_built_with_it_and_predict_as_before(stage):
+    x = np.random.default_rng(3).random((2, 32, 32, 3), dtype=np.float32)
+    if stage == "stage1":
+        model = build_stage1("EfficientNetV2B0", 32)
+    else:
+        model = build_stage2(["EfficientNetV2B0", "ConvNeXtTiny"], 32, fusion_dim=32, attention_heads=2)
+    assert "call" in vars(model)
+    fast = numpy(model.predict_on_batch(x))
+    del model.call  # Keras' own Functional.call on the same weights
+    np.testing.assert_array_equal(fast, numpy(model.predict_on_batch(x)))
