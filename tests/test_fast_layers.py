@@ -176,3 +176,63 @@ def test_moving_statistics_under_stateless_call_match_the_stateful_update():
         np.testing.assert_allclose(numpy(got), numpy(w), atol=ATOL)
         moved += not np.allclose(numpy(w), old)
     assert moved == len(before)
+
+
+def test_prediction_follows_weight_changes_through_the_kernel_cache():
+    # Without autograd the fast layers keep each kernel in torch's layout and reuse it until the
+    # kernel changes: after an assign, and after an optimizer step, predictions must be those
+    # of the new weights (Keras' own layers, same weights, as the reference).
+    import torch
+
+    fast = fast_layers.with_fast_layers(randomised(small_network(), seed=5))
+    x = np.random.default_rng(6).random((3, 9, 10, 3), dtype=np.float32)
+
+    def check():
+        reference = small_network()
+        reference.set_weights(fast.get_weights())
+        with torch.no_grad():
+            got, want = numpy(fast(x, training=False)), numpy(reference(x, training=False))
+        np.testing.assert_allclose(got, want, atol=ATOL)
+        return got
+
+    first = check()
+    with torch.inference_mode():
+        again = numpy(fast(x, training=False))  # served from the cache
+    np.testing.assert_array_equal(again, first)
+    assert any("_ich_torch_kernel" in vars(layer) for layer in fast.layers)
+    randomised(fast, seed=7)                       # assign: new kernels
+    second = check()
+    assert not np.allclose(second, first)
+    fast.compile(keras.optimizers.SGD(0.5), "mse")
+    fast.train_on_batch(x, np.zeros_like(second))  # an optimizer step: in place
+    assert not np.allclose(check(), second)
+
+
+@pytest.mark.parametrize("predict_first", [False, True])
+def test_onnx_export_neither_keeps_nor_uses_cached_kernels(tmp_path, predict_first):
+    # Found by bench/train_speed.py: an export before any prediction left the exporter's traced
+    # tensors in the kernel cache (the next prediction returned a tensor subclass). After
+    # predictions, the export must not change the cache either.
+    import onnxruntime
+    import torch
+
+    from ich.backend import export_onnx
+
+    fast = fast_layers.with_fast_layers(randomised(small_network(), seed=8))
+    x = np.random.default_rng(9).random((2, 9, 10, 3), dtype=np.float32)
+    with torch.no_grad():
+        want = numpy(fast(x, training=False))
+    for layer in fast.layers:
+        vars(layer).pop("_ich_torch_kernel", None)
+    if predict_first:
+        fast.predict_on_batch(x)                        # fills the kernel cache
+    export_onnx(fast, tmp_path / "m.onnx", (9, 10, 3), "image", "out")
+    for _ in range(2):
+        got = fast.predict_on_batch(x)
+        assert type(got) is np.ndarray
+        np.testing.assert_allclose(got, want, atol=ATOL)
+    cached = [vars(layer)["_ich_torch_kernel"][2] for layer in fast.layers
+              if "_ich_torch_kernel" in vars(layer)]
+    assert cached and all(type(w) is torch.Tensor for w in cached)
+    session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    np.testing.assert_allclose(session.run(None, {"image": x})[0], want, atol=ATOL)

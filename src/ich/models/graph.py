@@ -30,6 +30,9 @@ changes in a saved file: the override is an attribute of the model object, not o
 from __future__ import annotations
 
 import types
+import weakref
+from dataclasses import dataclass
+from typing import Callable
 
 import keras
 
@@ -72,26 +75,106 @@ def _float32(model) -> bool:
 
 
 def run_graph(model, inputs, training: bool):
-    """The outputs of functional `model` on `inputs`, each node computed by `_runner`."""
-    inputs = model._standardize_inputs(inputs)
-    outputs = model._run_through_graph(inputs, operation_fn=lambda op: _runner(op, training))
+    """The outputs of functional `model` on `inputs`: each node of its plan run in order."""
+    from keras.src import tree
+
+    plan = _plan(model)
+    values = dict(zip(plan.input_ids, tree.flatten(model._standardize_inputs(inputs))))
+    for step in plan.steps:
+        args, kwargs = step.fill(values)
+        outputs = step.run(args, kwargs, training)
+        if len(step.output_ids) == 1 and not isinstance(outputs, (list, tuple, dict)):
+            values[step.output_ids[0]] = outputs
+        else:
+            values.update(zip(step.output_ids, tree.flatten(outputs)))
+    outputs = tree.pack_sequence_as(model._outputs_struct, [values[i] for i in plan.output_ids])
     if isinstance(outputs, (list, tuple)) and len(outputs) == 1:
         return outputs[0]  # Keras' unpack_singleton
     return outputs
 
 
-def _runner(layer, training: bool):
-    """How one node's layer is run: nested functional models by run_graph, DIRECT_LAYERS by
-    their call (with `training` where the call takes it), anything else by __call__ with
-    `training` propagated as Keras' Functional.call propagates it."""
-    if _is_functional(layer):
-        return lambda *args, **kwargs: run_graph(layer, args[0], training)
-    # getattr: a node can also be a keras.ops operation (`x + y` in a functional model), no layer
-    takes_training = getattr(layer, "_call_has_training_arg", False)
+@dataclass
+class _Step:
+    """One node of a functional model: how its arguments are filled in and its layer run."""
+
+    fill: Callable      # values (id of a graph tensor -> tensor) -> (args, kwargs)
+    run: Callable       # (args, kwargs, training) -> outputs
+    output_ids: list
+
+
+@dataclass
+class _Plan:
+    """A functional model's nodes in Keras' execution order (deepest first), made once."""
+
+    input_ids: list
+    steps: list
+    output_ids: list
+
+
+_PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def _plan(model) -> _Plan:
+    """The cached plan of `model`: Keras' own order and skipping rule (a node whose inputs the
+    model's inputs do not reach is not run), with the arguments' structure worked out here
+    once instead of by keras.tree at every node of every call."""
+    if model not in _PLANS:
+        known = {id(x) for x in model.inputs}
+        steps = []
+        for depth in sorted(model._nodes_by_depth, reverse=True):
+            for node in model._nodes_by_depth[depth]:
+                if not node.operation or node.is_input:
+                    continue
+                if any(id(x) not in known for x in node.input_tensors):
+                    continue
+                outputs = [id(x) for x in node.outputs]
+                known.update(outputs)
+                steps.append(_Step(_filler(node.arguments), _runner(node.operation, node.arguments),
+                                   outputs))
+        _PLANS[model] = _Plan([id(x) for x in model.inputs], steps, [id(x) for x in model.outputs])
+    return _PLANS[model]
+
+
+def _filler(arguments) -> Callable:
+    """values -> (args, kwargs) for one node: direct look-ups for one tensor or a list of tensors
+    (every node of the backbones) with tensor-free keyword arguments (`mask=None`), Keras' own
+    fill_in otherwise. "training" is left out: the runner passes the call's own."""
+    from keras.src.backend import KerasTensor
+    from keras.src import tree
+
+    kwargs = {k: v for k, v in arguments.kwargs.items() if k != "training"}
+    tensor_free = not any(isinstance(v, KerasTensor) for v in tree.flatten(kwargs))
+    args = arguments.args
+    if tensor_free and len(args) == 1 and isinstance(args[0], KerasTensor):
+        one = id(args[0])
+        return lambda values: ((values[one],), kwargs)
+    if (tensor_free and len(args) == 1 and isinstance(args[0], list)
+            and all(isinstance(x, KerasTensor) for x in args[0])):
+        many = [id(x) for x in args[0]]
+        return lambda values: (([values[i] for i in many],), kwargs)
+
+    def generic(values):
+        args, kwargs = arguments.fill_in(values)
+        return args, {k: v for k, v in kwargs.items() if k != "training"}
+    return generic
+
+
+def _runner(layer, arguments) -> Callable:
+    """(args, kwargs, training) -> outputs for one node's layer: nested functional models by
+    run_graph, DIRECT_LAYERS by their call (with `training` where the call takes it), anything
+    else by __call__ with `training`, as Keras' Functional.call propagates it (to every layer:
+    its __call__ hands it on to the layers inside)."""
+    from keras.src.backend import KerasTensor
+    from keras.src import tree
+
+    tensor_mask = any(isinstance(v, KerasTensor) for v in tree.flatten(arguments.kwargs))
+    if _is_functional(layer) and not tensor_mask:
+        return lambda args, kwargs, training: run_graph(layer, args[0], training)
     if type(layer) in DIRECT_LAYERS and layer.activity_regularizer is None:
-        if takes_training:
-            return lambda *args, **kwargs: layer.call(*args, **{**kwargs, "training": training})
-        return layer.call
-    if takes_training:
-        return lambda *args, **kwargs: layer(*args, **{**kwargs, "training": training})
-    return layer
+        if layer._call_has_training_arg:
+            return lambda args, kwargs, training: layer.call(*args, **kwargs, training=training)
+        return lambda args, kwargs, training: layer.call(*args, **kwargs)
+    # getattr: a node can also be a keras.ops operation (`x + y` in a functional model), no layer
+    if "training" in getattr(layer, "_call_context_args", ()):
+        return lambda args, kwargs, training: layer(*args, **kwargs, training=training)
+    return lambda args, kwargs, training: layer(*args, **kwargs)
