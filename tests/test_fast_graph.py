@@ -1,9 +1,10 @@
 """ich.models.graph: the torch forward that calls plain layers directly, against Keras' own call.
 
 The reference is the same model object with the override removed (Keras' Functional.call),
-or a twin with the same weights where a training call moves BatchNorm statistics. Forward in
-inference and training, gradients and moving statistics must be identical: the fast path runs
-the same layer code, only without __call__ around it.
+or a twin with the same weights where a training call moves BatchNorm statistics. Training
+forward, gradients and moving statistics must be identical: the fast path runs the same layer
+code, only without __call__ around it. Prediction (autograd off) folds each convolution's
+BatchNorm into it, so there the outputs agree within float rounding.
 """
 
 import keras
@@ -91,4 +92,47 @@ def test_stage_models_are_built_with_it_and_predict_as_before(stage):
     assert "call" in vars(model)
     fast = numpy(model.predict_on_batch(x))
     del model.call  # Keras' own Functional.call on the same weights
-    np.testing.assert_array_equal(fast, numpy(model.predict_on_batch(x)))
+    np.testing.assert_allclose(fast, numpy(model.predict_on_batch(x)), atol=1e-5)
+
+
+def conv_bn_network() -> keras.Model:
+    """Pairs that fold (conv + BN, depthwise with bias + BN without scale) and one that must
+    not: a convolution whose output a second layer also reads."""
+    keras.utils.set_random_seed(4)
+    inputs = keras.Input((9, 9, 3))
+    x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inputs)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Activation("swish")(x)
+    x = keras.layers.DepthwiseConv2D(3, padding="same", depth_multiplier=2, use_bias=True)(x)
+    x = keras.layers.BatchNormalization(scale=False, epsilon=1e-3)(x)
+    shared = keras.layers.Conv2D(16, 1)(x)
+    y = keras.layers.BatchNormalization()(shared)
+    return keras.Model(inputs, keras.layers.Add()([y, shared]))
+
+
+def test_prediction_folds_batchnorm_into_convolutions_and_follows_weight_changes():
+    import torch
+
+    from ich.models.layers import with_fast_layers
+
+    model = graph.with_fast_graph(with_fast_layers(conv_bn_network()))
+    rng = np.random.default_rng(5)
+    for w in model.weights:  # statistics far from the defaults, so that folding matters
+        w.assign(rng.uniform(0.5, 2.0, w.shape).astype("float32") if "variance" in w.path
+                 else rng.normal(0, 0.5, w.shape).astype("float32"))
+    assert graph._plan(model).folds == 2
+    x = rng.random((4, 9, 9, 3), dtype=np.float32)
+
+    def keras_prediction():
+        with torch.no_grad():
+            return numpy(type(model).call(model, keras.ops.convert_to_tensor(x), training=False))
+
+    for _ in range(2):
+        with torch.no_grad():
+            folded = numpy(model(x, training=False))
+        np.testing.assert_allclose(folded, keras_prediction(), atol=2e-5)
+        assert any("_ich_folded" in vars(layer) for layer in model.layers)
+        model(x, training=True)  # moves the moving statistics: the folded weights must follow
+    # With autograd on, nothing is folded: the graph's own BatchNorm runs.
+    np.testing.assert_array_equal(numpy(model(x, training=False)), numpy(
+        type(model).call(model, keras.ops.convert_to_tensor(x), training=False)))

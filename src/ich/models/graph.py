@@ -8,8 +8,10 @@ normalisation, and ich's fast twins
 of the first two) through its `call` directly instead of its full `__call__`, and runs the
 functional models nested inside it (the backbones) the same way. Every other layer (the
 online augmentation, attention, ich's own layers) still goes through `__call__`. Out: the same
-tensors, bit for bit (tests/test_fast_graph.py compares forward, gradients and BatchNorm
-statistics with Keras' own call).
+tensors, bit for bit, when training (tests/test_fast_graph.py compares forward, gradients and
+BatchNorm statistics with Keras' own call). When predicting (training=False, autograd off, not
+traced), each convolution read only by a BatchNorm runs with that BatchNorm folded into its
+kernel and bias (ich.models.layers.folded_conv_bn): the same function within float rounding.
 
 Why (bench/train_speed.py, 128 px, batch 16, one thread): on torch eager, Keras' per-layer
 `__call__` (input conversion, call-spec binding, training-argument resolution, mask
@@ -80,9 +82,15 @@ def run_graph(model, inputs, training: bool):
 
     plan = _plan(model)
     values = dict(zip(plan.input_ids, tree.flatten(model._standardize_inputs(inputs))))
+    predicting = plan.folds and _predicting(training)
     for step in plan.steps:
         args, kwargs = step.fill(values)
-        outputs = step.run(args, kwargs, training)
+        if predicting and step.fold is not None and fast_layers._torch_fast(args[0]):
+            outputs = fast_layers.folded_conv_bn(step.layer, step.fold, args[0])
+        elif predicting and step.folded_away and fast_layers._torch_fast(args[0]):
+            outputs = args[0]  # this BatchNorm is inside the convolution before it
+        else:
+            outputs = step.run(args, kwargs, training)
         if len(step.output_ids) == 1 and not isinstance(outputs, (list, tuple, dict)):
             values[step.output_ids[0]] = outputs
         else:
@@ -93,6 +101,16 @@ def run_graph(model, inputs, training: bool):
     return outputs
 
 
+def _predicting(training: bool) -> bool:
+    """True for a prediction forward (inference mode, autograd off, not traced): where a
+    convolution and the BatchNorm after it run as one (ich.models.layers.folded_conv_bn).
+    Tracers (ONNX export, torch.compile) see the layers as they are and fold by themselves."""
+    import torch
+
+    return (not training and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+            and not torch.compiler.is_exporting())
+
+
 @dataclass
 class _Step:
     """One node of a functional model: how its arguments are filled in and its layer run."""
@@ -100,6 +118,10 @@ class _Step:
     fill: Callable      # values (id of a graph tensor -> tensor) -> (args, kwargs)
     run: Callable       # (args, kwargs, training) -> outputs
     output_ids: list
+    layer: object = None
+    input_ids: tuple = ()
+    fold: object = None          # the BatchNorm folded into this convolution when predicting
+    folded_away: bool = False    # this BatchNorm is folded into the convolution before it
 
 
 @dataclass
@@ -109,6 +131,7 @@ class _Plan:
     input_ids: list
     steps: list
     output_ids: list
+    folds: int = 0               # convolution + BatchNorm pairs that run as one when predicting
 
 
 _PLANS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
@@ -130,9 +153,29 @@ def _plan(model) -> _Plan:
                 outputs = [id(x) for x in node.outputs]
                 known.update(outputs)
                 steps.append(_Step(_filler(node.arguments), _runner(node.operation, node.arguments),
-                                   outputs))
-        _PLANS[model] = _Plan([id(x) for x in model.inputs], steps, [id(x) for x in model.outputs])
+                                   outputs, node.operation, tuple(id(x) for x in node.input_tensors)))
+        plan = _Plan([id(x) for x in model.inputs], steps, [id(x) for x in model.outputs])
+        plan.folds = _pair_folds(plan)
+        _PLANS[model] = plan
     return _PLANS[model]
+
+
+def _pair_folds(plan: _Plan) -> int:
+    """Mark each convolution whose output only a BatchNorm reads (and that the model does not
+    output) for folding; return how many pairs."""
+    from collections import Counter
+
+    readers = Counter(i for step in plan.steps for i in step.input_ids)
+    readers.update(plan.output_ids)
+    producer = {step.output_ids[0]: step for step in plan.steps if len(step.output_ids) == 1}
+    pairs = 0
+    for step in plan.steps:
+        conv = producer.get(step.input_ids[0]) if len(step.input_ids) == 1 else None
+        if (conv is not None and readers[step.input_ids[0]] == 1 and conv.fold is None
+                and fast_layers.can_fold(conv.layer, step.layer)):
+            conv.fold, step.folded_away = step.layer, True
+            pairs += 1
+    return pairs
 
 
 def _filler(arguments) -> Callable:

@@ -237,6 +237,48 @@ class FastBatchNormalization(keras.layers.BatchNormalization):
             variable.value.lerp_(batch_value, 1.0 - self.momentum)
 
 
+def can_fold(conv, bn) -> bool:
+    """True when BatchNorm `bn`, applied to the output of convolution `conv` alone, can be
+    folded into it for prediction: ich's fast twins, channels last, no activation between."""
+    return (type(conv) in (FastConv2D, FastDepthwiseConv2D) and type(bn) is FastBatchNormalization
+            and conv.data_format == "channels_last" and conv.activation in (None, keras.activations.linear)
+            and not bn.renorm and not bn.synchronized and bn.axis in (-1, 3))
+
+
+def folded_conv_bn(conv, bn, inputs):
+    """bn(conv(inputs)) in inference mode as one convolution: the kernel scaled per output
+    channel by gamma / sqrt(moving_variance + epsilon), the bias (conv bias - moving_mean) x
+    that scale + beta. The same function within float rounding; what ONNX runtimes and
+    TensorRT do to every such pair. For prediction only (autograd off): the folded weights are
+    kept on `conv` until any of the weights they come from changes (version counters)."""
+    import torch
+
+    if conv.__class__ is FastDepthwiseConv2D:
+        kh, kw, channels, multiplier = conv.kernel.shape
+        kernel = conv.kernel.value.reshape(kh, kw, 1, channels * multiplier)
+    else:
+        kernel = conv.kernel.value
+    sources = [conv.kernel.value, bn.moving_mean.value, bn.moving_variance.value]
+    sources += [v.value for v, used in ((bn.gamma, bn.scale), (bn.beta, bn.center),
+                                        (getattr(conv, "bias", None), conv.use_bias)) if used]
+    key = tuple((id(t), t._version) for t in sources)
+    cached = conv.__dict__.get("_ich_folded")
+    if cached is None or cached[0] != key:
+        scale = torch.rsqrt(bn.moving_variance.value + bn.epsilon)
+        if bn.scale:
+            scale = scale * bn.gamma.value
+        bias = -bn.moving_mean.value * scale
+        if bn.center:
+            bias = bias + bn.beta.value
+        if conv.use_bias:
+            bias = bias + conv.bias.value * scale
+        weight = kernel.permute(3, 2, 0, 1) * scale[:, None, None, None]
+        # (sources kept: their ids stay unique while the cache holds them)
+        cached = (key, weight.contiguous(), bias, sources)
+        conv.__dict__["_ich_folded"] = cached  # past Keras' tracking and torch's registration
+    return torch_conv2d(inputs, cached[1], conv.strides, conv.padding, conv.dilation_rate, cached[2])
+
+
 # Keras layer class -> its fast twin, swapped in by `with_fast_layers`.
 FAST_LAYERS = {keras.layers.Conv2D: FastConv2D, keras.layers.DepthwiseConv2D: FastDepthwiseConv2D,
                keras.layers.BatchNormalization: FastBatchNormalization}
