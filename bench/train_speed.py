@@ -16,8 +16,10 @@ tf_efficientnetv2_b0 and convnext_tiny on the same input and the head ich has (1
 and LayerNorm per backbone, learned token embedding, one post-norm transformer block of the
 same width, heads and MLP, mean pool, dropout, 5 logits), Adam at the same learning rate.
 Inference (forward only): ich's predict path (`predict_on_batch` on the augmentation-free
-stage model, as ich.evaluation.inference does), timm in eval mode under inference_mode, and
-onnxruntime on the stage exported by ich.backend.export_onnx (the graph `ich export` writes).
+stage model, as ich.evaluation.inference does), the same without its BatchNorm folding
+(ich.models.graph, `fold_batchnorm=False`: what folding gains), timm in eval mode under
+inference_mode, and onnxruntime on the stage exported by ich.backend.export_onnx (the graph
+`ich export` writes).
 
 Every contender trains on the same random float32 batch, already in host memory, in one
 process; rounds are interleaved (each round runs every contender once, in turn), so a load
@@ -268,6 +270,8 @@ def main(argv=None) -> int:
     import torch
     from timm_loader import load_timm
 
+    from ich.models.graph import with_fast_graph
+
     try:
         timm = load_timm()
     except ImportError as err:
@@ -297,7 +301,9 @@ def main(argv=None) -> int:
             if args.no_inference:
                 continue
             model = ich_inference_model(cfg, stage)
+            unfolded = with_fast_graph(ich_inference_model(cfg, stage), fold_batchnorm=False)
             contenders = {"ich": lambda m=model: np.asarray(m.predict_on_batch(x)),
+                          "ich_unfolded": lambda m=unfolded: np.asarray(m.predict_on_batch(x)),
                           "timm": timm_inference(stage, cfg, x)}
             if not args.no_onnx:
                 contenders["onnx"] = onnx_inference(model, x, Path(tmp))
@@ -314,11 +320,13 @@ def main(argv=None) -> int:
               f"{1 - r['ich'] / r['ich_no_aug']:>10.0%}")
     if infer_rows:
         print("\ninference (forward only), images/s")
-        print(f"{'stage':<8}{'ich':>9}{'timm':>9}{'onnxrt':>9}{'ich/timm':>10}{'onnxrt/timm':>13}")
+        print(f"{'stage':<8}{'ich':>9}{'unfolded':>10}{'timm':>9}{'onnxrt':>9}{'ich/timm':>10}"
+              f"{'unfolded/timm':>15}{'onnxrt/timm':>13}")
         for stage, r in infer_rows:
             onnx = r.get("onnx", float("nan"))
-            print(f"{stage:<8}{r['ich']:>9.1f}{r['timm']:>9.1f}{onnx:>9.1f}"
-                  f"{r['ich'] / r['timm']:>10.2f}{onnx / r['timm']:>13.2f}")
+            print(f"{stage:<8}{r['ich']:>9.1f}{r['ich_unfolded']:>10.1f}{r['timm']:>9.1f}{onnx:>9.1f}"
+                  f"{r['ich'] / r['timm']:>10.2f}{r['ich_unfolded'] / r['timm']:>15.2f}"
+                  f"{onnx / r['timm']:>13.2f}")
     print(f"\nload average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
     return 0
 

@@ -136,3 +136,17 @@ def test_prediction_folds_batchnorm_into_convolutions_and_follows_weight_changes
     # With autograd on, nothing is folded: the graph's own BatchNorm runs.
     np.testing.assert_array_equal(numpy(model(x, training=False)), numpy(
         type(model).call(model, keras.ops.convert_to_tensor(x), training=False)))
+
+
+def test_fold_batchnorm_false_predicts_exactly_as_keras():
+    import torch
+
+    from ich.models.layers import with_fast_layers
+
+    model = graph.with_fast_graph(with_fast_layers(conv_bn_network()), fold_batchnorm=False)
+    x = np.random.default_rng(6).random((2, 9, 9, 3), dtype=np.float32)
+    with torch.no_grad():
+        got = numpy(model(x, training=False))
+        want = numpy(type(model).call(model, keras.ops.convert_to_tensor(x), training=False))
+    np.testing.assert_array_equal(got, want)
+    assert not any("_ich_folded" in vars(layer) for layer in model.layers)

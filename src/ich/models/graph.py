@@ -49,11 +49,16 @@ DIRECT_LAYERS = (
     fast_layers.FastConv2D, fast_layers.FastDepthwiseConv2D, fast_layers.FastBatchNormalization)
 
 
-def with_fast_graph(model: keras.Model) -> keras.Model:
+def with_fast_graph(model: keras.Model, fold_batchnorm: bool = True) -> keras.Model:
     """`model` itself, whose forward pass on torch now calls its plain layers directly (see the
-    module docstring); unchanged on other backends and for non-functional models."""
+    module docstring); unchanged on other backends and for non-functional models.
+    fold_batchnorm=False keeps every BatchNorm separate when predicting too (bench/train_speed.py
+    measures what folding gains)."""
     if keras.backend.backend() == "torch" and _is_functional(model) and _float32(model):
-        model.call = types.MethodType(_fast_call, model)
+        def call(self, inputs, training=None, mask=None, **kwargs):
+            return _fast_call(self, inputs, training, mask, fold_batchnorm, **kwargs)
+
+        model.call = types.MethodType(call, model)
     return model
 
 
@@ -63,11 +68,11 @@ def _is_functional(model) -> bool:
     return isinstance(model, Functional) and hasattr(model, "_run_through_graph")
 
 
-def _fast_call(self, inputs, training=None, mask=None, **kwargs):
+def _fast_call(self, inputs, training, mask, fold: bool, **kwargs):
     """Functional.call through run_graph where it applies, Keras' own otherwise."""
     if mask is not None or kwargs:
         return type(self).call(self, inputs, training=training, mask=mask, **kwargs)
-    return run_graph(self, inputs, bool(training))
+    return run_graph(self, inputs, bool(training), fold)
 
 
 def _float32(model) -> bool:
@@ -76,13 +81,14 @@ def _float32(model) -> bool:
                for layer in model._flatten_layers())
 
 
-def run_graph(model, inputs, training: bool):
-    """The outputs of functional `model` on `inputs`: each node of its plan run in order."""
+def run_graph(model, inputs, training: bool, fold: bool = True):
+    """The outputs of functional `model` on `inputs`: each node of its plan run in order (with
+    its convolution + BatchNorm pairs folded when predicting, unless fold is False)."""
     from keras.src import tree
 
     plan = _plan(model)
     values = dict(zip(plan.input_ids, tree.flatten(model._standardize_inputs(inputs))))
-    predicting = plan.folds and _predicting(training)
+    predicting = fold and plan.folds and _predicting(training)
     for step in plan.steps:
         args, kwargs = step.fill(values)
         if predicting and step.fold is not None and fast_layers._torch_fast(args[0]):
@@ -90,7 +96,7 @@ def run_graph(model, inputs, training: bool):
         elif predicting and step.folded_away and fast_layers._torch_fast(args[0]):
             outputs = args[0]  # this BatchNorm is inside the convolution before it
         else:
-            outputs = step.run(args, kwargs, training)
+            outputs = step.run(args, kwargs, training, fold)
         if len(step.output_ids) == 1 and not isinstance(outputs, (list, tuple, dict)):
             values[step.output_ids[0]] = outputs
         else:
@@ -116,7 +122,7 @@ class _Step:
     """One node of a functional model: how its arguments are filled in and its layer run."""
 
     fill: Callable      # values (id of a graph tensor -> tensor) -> (args, kwargs)
-    run: Callable       # (args, kwargs, training) -> outputs
+    run: Callable       # (args, kwargs, training, fold) -> outputs
     output_ids: list
     layer: object = None
     input_ids: tuple = ()
@@ -203,7 +209,7 @@ def _filler(arguments) -> Callable:
 
 
 def _runner(layer, arguments) -> Callable:
-    """(args, kwargs, training) -> outputs for one node's layer: nested functional models by
+    """(args, kwargs, training, fold) -> outputs for one node's layer: nested functional models by
     run_graph, DIRECT_LAYERS by their call (with `training` where the call takes it), anything
     else by __call__ with `training`, as Keras' Functional.call propagates it (to every layer:
     its __call__ hands it on to the layers inside)."""
@@ -212,12 +218,12 @@ def _runner(layer, arguments) -> Callable:
 
     tensor_mask = any(isinstance(v, KerasTensor) for v in tree.flatten(arguments.kwargs))
     if _is_functional(layer) and not tensor_mask:
-        return lambda args, kwargs, training: run_graph(layer, args[0], training)
+        return lambda args, kwargs, training, fold: run_graph(layer, args[0], training, fold)
     if type(layer) in DIRECT_LAYERS and layer.activity_regularizer is None:
         if layer._call_has_training_arg:
-            return lambda args, kwargs, training: layer.call(*args, **kwargs, training=training)
-        return lambda args, kwargs, training: layer.call(*args, **kwargs)
+            return lambda args, kwargs, training, fold: layer.call(*args, **kwargs, training=training)
+        return lambda args, kwargs, training, fold: layer.call(*args, **kwargs)
     # getattr: a node can also be a keras.ops operation (`x + y` in a functional model), no layer
     if "training" in getattr(layer, "_call_context_args", ()):
-        return lambda args, kwargs, training: layer(*args, **kwargs, training=training)
-    return lambda args, kwargs, training: layer(*args, **kwargs)
+        return lambda args, kwargs, training, fold: layer(*args, **kwargs, training=training)
+    return lambda args, kwargs, training, fold: layer(*args, **kwargs)
