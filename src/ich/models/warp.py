@@ -13,10 +13,9 @@ layer uses only keras.ops and a single gather-based resampling, so it traces on 
 On the torch backend two parts take torch's own kernels instead (same numbers within float
 tolerance; tests/test_augment_online.py compares them with the keras.ops code): the resampling
 is torch.nn.functional.grid_sample, and the elastic field is upsampled for the drawn images
-only. Measured on 16 x 128 x 128 x 3 (bench/train_speed.py, one thread), the keras.ops gather
-(four take_along_axis with index normalisation, masks) and the bicubic upsampling of every
-image's field, though only elastic_p of them use it, made this layer ~100 ms of a ~600 ms
-EfficientNetV2B0 training step.
+only. The keras.ops gather (four take_along_axis with index normalisation, masks) and the
+bicubic upsampling of every image's field, though only elastic_p of them use it, made the
+online augmentation 16% of a stage-1 training step; 6% with these (bench/train_speed.py).
 """
 
 from __future__ import annotations
@@ -158,8 +157,8 @@ def bilinear_sample_torch(images, src_y, src_x):
     out = torch.nn.functional.grid_sample(images.permute(0, 3, 1, 2).float(), grid,
                                           mode="bilinear", padding_mode="zeros", align_corners=True)
     # contiguous: a channels-last *view* of grid_sample's NCHW output would carry that memory
-    # format into the backbone, whose convolutions and BatchNorm then all ran NCHW (measured:
-    # ~80 ms more per EfficientNetV2B0 step at 128 px, batch 16, than with this one copy).
+    # format into the backbone, whose convolutions and BatchNorm then all ran NCHW (the
+    # augmentation's share of a step rose to 30% in bench/train_speed.py, against 6% with it).
     return out.permute(0, 2, 3, 1).contiguous().to(images.dtype)
 
 
