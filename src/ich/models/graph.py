@@ -158,8 +158,10 @@ def _plan(model) -> _Plan:
                     continue
                 outputs = [id(x) for x in node.outputs]
                 known.update(outputs)
-                steps.append(_Step(_filler(node.arguments), _runner(node.operation, node.arguments),
-                                   outputs, node.operation, tuple(id(x) for x in node.input_tensors)))
+                tensor_kwargs = _holds_tensors(node.arguments.kwargs)
+                steps.append(_Step(_filler(node.arguments, tensor_kwargs),
+                                   _runner(node.operation, tensor_kwargs), outputs, node.operation,
+                                   tuple(id(x) for x in node.input_tensors)))
         plan = _Plan([id(x) for x in model.inputs], steps, [id(x) for x in model.outputs])
         plan.folds = _pair_folds(plan)
         _PLANS[model] = plan
@@ -184,15 +186,22 @@ def _pair_folds(plan: _Plan) -> int:
     return pairs
 
 
-def _filler(arguments) -> Callable:
+def _holds_tensors(kwargs: dict) -> bool:
+    """True when a node's keyword arguments hold a graph tensor (a mask, say)."""
+    from keras.src import tree
+    from keras.src.backend import KerasTensor
+
+    return any(isinstance(v, KerasTensor) for v in tree.flatten(kwargs))
+
+
+def _filler(arguments, tensor_kwargs: bool) -> Callable:
     """values -> (args, kwargs) for one node: direct look-ups for one tensor or a list of tensors
     (every node of the backbones) with tensor-free keyword arguments (`mask=None`), Keras' own
     fill_in otherwise. "training" is left out: the runner passes the call's own."""
     from keras.src.backend import KerasTensor
-    from keras.src import tree
 
     kwargs = {k: v for k, v in arguments.kwargs.items() if k != "training"}
-    tensor_free = not any(isinstance(v, KerasTensor) for v in tree.flatten(kwargs))
+    tensor_free = not tensor_kwargs
     args = arguments.args
     if tensor_free and len(args) == 1 and isinstance(args[0], KerasTensor):
         one = id(args[0])
@@ -208,16 +217,12 @@ def _filler(arguments) -> Callable:
     return generic
 
 
-def _runner(layer, arguments) -> Callable:
+def _runner(layer, tensor_kwargs: bool) -> Callable:
     """(args, kwargs, training, fold) -> outputs for one node's layer: nested functional models by
     run_graph, DIRECT_LAYERS by their call (with `training` where the call takes it), anything
     else by __call__ with `training`, as Keras' Functional.call propagates it (to every layer:
     its __call__ hands it on to the layers inside)."""
-    from keras.src.backend import KerasTensor
-    from keras.src import tree
-
-    tensor_mask = any(isinstance(v, KerasTensor) for v in tree.flatten(arguments.kwargs))
-    if _is_functional(layer) and not tensor_mask:
+    if _is_functional(layer) and not tensor_kwargs:
         return lambda args, kwargs, training, fold: run_graph(layer, args[0], training, fold)
     if type(layer) in DIRECT_LAYERS and layer.activity_regularizer is None:
         if layer._call_has_training_arg:

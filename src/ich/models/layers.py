@@ -179,14 +179,18 @@ class FastConv2D(keras.layers.Conv2D):
 class FastDepthwiseConv2D(keras.layers.DepthwiseConv2D):
     """keras.layers.DepthwiseConv2D with a copy-free convolution on torch."""
 
+    def grouped_kernel(self):
+        """The kernel as a grouped convolution's, Keras' own reshape: (kh, kw, C, M) ->
+        (kh, kw, 1, C * M), a torch view of the variable."""
+        kh, kw, channels, multiplier = self.kernel.shape
+        return self.kernel.value.reshape(kh, kw, 1, channels * multiplier)
+
     def call(self, inputs):
         """Depthwise convolution, bias and activation, as the Keras layer computes them."""
         if not _torch_fast(inputs, self.data_format):
             return super().call(inputs)
-        kh, kw, channels, multiplier = self.kernel.shape
-        # Keras' own reshape: (kh, kw, C, M) -> (kh, kw, 1, C * M), a grouped convolution.
-        kernel = self.kernel.value.reshape(kh, kw, 1, channels * multiplier)
-        outputs = torch_conv2d(inputs, torch_kernel(kernel, self), self.strides, self.padding,
+        outputs = torch_conv2d(inputs, torch_kernel(self.grouped_kernel(), self), self.strides,
+                               self.padding,
                                self.dilation_rate, self.bias if self.use_bias else None)
         if self.activation is not None:
             return self.activation(outputs)
@@ -253,11 +257,7 @@ def folded_conv_bn(conv, bn, inputs):
     kept on `conv` until any of the weights they come from changes (version counters)."""
     import torch
 
-    if conv.__class__ is FastDepthwiseConv2D:
-        kh, kw, channels, multiplier = conv.kernel.shape
-        kernel = conv.kernel.value.reshape(kh, kw, 1, channels * multiplier)
-    else:
-        kernel = conv.kernel.value
+    kernel = conv.grouped_kernel() if isinstance(conv, FastDepthwiseConv2D) else conv.kernel.value
     sources = [conv.kernel.value, bn.moving_mean.value, bn.moving_variance.value]
     sources += [v.value for v, used in ((bn.gamma, bn.scale), (bn.beta, bn.center),
                                         (getattr(conv, "bias", None), conv.use_bias)) if used]
