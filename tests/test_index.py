@@ -436,3 +436,27 @@ def test_a_kill_between_the_two_tables_leaves_no_mixed_pair_and_a_rerun_finishes
     assert (work / "index.parquet").read_bytes() == expected["index.parquet"]
     index_step.run(_cfg(killed, source))
     assert {name: (work / name).read_bytes() for name in old} == new
+
+
+def test_a_header_reader_that_crashes_its_process_is_failed_alone(tmp_path, monkeypatch):
+    """The local process pool: a segfault in one file's header reader breaks the pool and every
+    chunk in flight; those are read again one file per process, the culprit is failed with the
+    reason, and the index holds every other file, as a clean run gives it."""
+    from ich.faults import ENV
+
+    source, without = tmp_path / "src", tmp_path / "without"
+    source.mkdir()
+    without.mkdir()
+    for k in range(12):
+        _write_slice(source / f"ID_{k:02d}.dcm", f"ID_{k:02d}", k * 5.0 * NORMAL)
+        if k != 7:
+            _write_slice(without / f"ID_{k:02d}.dcm", f"ID_{k:02d}", k * 5.0 * NORMAL)
+    monkeypatch.setenv(ENV, "header:ID_07=crash")
+    out = index_step.run(_cfg(tmp_path / "poisoned", source, workers=2, pool="process", chunk_size=3))
+    failures = pd.read_csv(tmp_path / "poisoned" / "work" / "index_failures.csv")
+    assert failures[["image_id", "file", "reason"]].values.tolist() == [
+        ["ID_07", "ID_07.dcm", "header reader crashed with signal 11 (SIGSEGV)"]]
+    # The index is the one of a folder that never held the culprit (ranks and series sizes too).
+    monkeypatch.delenv(ENV)
+    clean = index_step.run(_cfg(tmp_path / "clean", without))
+    pd.testing.assert_frame_equal(pd.read_parquet(out), pd.read_parquet(clean))

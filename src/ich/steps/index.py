@@ -15,8 +15,10 @@ Where: compute.scheduler null reads in this process, a thread pool or a process 
 (ich.distributed, index.chunk_size files per task, a few tasks per worker thread out at a time
 so the listing stays a stream), with the same rows, journal and resume. On Dask a file whose
 header reader kills its worker (a segfault, out of memory) is failed alone ("header reader
-crashed its worker process ...") and the rest of its chunk is read; locally such a death
-stops the step, finished chunks kept.
+crashed its worker process ...") and the rest of its chunk is read; in the local process pool
+too ("header reader crashed with signal 11 (SIGSEGV)"): the chunks in flight when a worker died
+are read again one file per isolated process. (A thread pool or one in-process reader cannot
+survive a reader that crashes its process: the run stops, finished chunks kept.)
 
 Resume: each finished chunk's rows go to the journal (work/.index/parts/, one fsync'd CSV per
 chunk, written atomically); a killed run restarts from the journal and skips every file it
@@ -34,13 +36,14 @@ import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 
-from ich import journal
+from ich import compute, journal
 from ich.config import resolve_workers
 from ich.constants import INDEX_FAILURES_CSV, INDEX_PARQUET
 from ich.data.arrays import name_bytes, sorted_unique
@@ -200,16 +203,19 @@ def _results(chunks: Iterator[list[str]], root: str, workers: int, pool_kind: st
             yield read_chunk(files, root)
         return
     if pool_kind == "thread":
-        pool = ThreadPoolExecutor(max_workers=workers)
+        yield from _thread_results(chunks, root, workers)
     else:
-        # spawn: workers start clean (no inherited threads or locks from the parent) on every OS.
-        pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
-    limit = workers * _IN_FLIGHT_PER_WORKER
-    try:
-        pending = set()
+        yield from _process_results(chunks, root, workers)
+
+
+def _thread_results(chunks: Iterator[list[str]], root: str, workers: int):
+    """Chunks read by a thread pool, at most a few per worker in flight (a reader that crashes
+    takes this process with it: threads are for network disks, processes are the default)."""
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        pending: set = set()
         for files in chunks:
             pending.add(pool.submit(read_chunk, files, root))
-            if len(pending) >= limit:
+            while len(pending) >= workers * _IN_FLIGHT_PER_WORKER:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for future in done:
                     yield future.result()
@@ -217,11 +223,67 @@ def _results(chunks: Iterator[list[str]], root: str, workers: int, pool_kind: st
             done, pending = wait(pending, return_when=FIRST_COMPLETED)
             for future in done:
                 yield future.result()
-    except BrokenProcessPool as err:
-        raise StepError("index: a worker process died (out of memory?); finished chunks are kept: "
-                        "run the same command again to resume") from err
+
+
+def _process_results(chunks: Iterator[list[str]], root: str, workers: int):
+    """Chunks read by a process pool, at most a few per worker in flight. A worker that dies
+    (a header reader's segfault, out of memory) breaks the whole pool and every chunk in flight
+    with it, and which file did it cannot be told: those chunks are read again one file per
+    isolated process (ich.compute.map_files), the file that kills its process again is failed
+    alone with the reason, and a fresh pool goes on with the rest of the listing."""
+    limit = workers * _IN_FLIGHT_PER_WORKER
+    pool, pending = _process_pool(workers), {}
+    try:
+        for files in chunks:
+            pending[pool.submit(read_chunk, files, root)] = files
+            while len(pending) >= limit:
+                pool = yield from _settle(pool, pending, root, workers)
+        while pending:
+            pool = yield from _settle(pool, pending, root, workers)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    # spawn: workers start clean (no inherited threads or locks from the parent) on every OS.
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
+def _settle(pool: ProcessPoolExecutor, pending: dict, root: str, workers: int):
+    """Yield the rows of the next chunks to finish (removed from `pending`, future -> files);
+    return the pool to go on with: `pool`, or a fresh one after a worker died."""
+    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+    if not any(isinstance(future.exception(), BrokenProcessPool) for future in done):
+        for future in done:
+            del pending[future]
+            yield future.result()
+        return pool
+    pool.shutdown(wait=True, cancel_futures=True)
+    lost = []
+    for future, files in pending.items():
+        if future.done() and not future.cancelled() and future.exception() is None:
+            yield future.result()   # finished before the death: its rows are good
+        else:
+            lost.append(files)
+    pending.clear()
+    n_files = sum(len(files) for files in lost)
+    log.warning("index: a header reader's process died; reading the %d files of its %d chunks "
+                "in flight again one file per process to find the one at fault", n_files, len(lost))
+    yield from _isolated(lost, root, workers)
+    return _process_pool(workers)
+
+
+def _isolated(lost: list[list[str]], root: str, workers: int):
+    """The rows of `lost`'s files, each read in an isolated worker process: a file whose reader
+    kills its process gets a failure row saying so ("header reader crashed with signal 11
+    (SIGSEGV)"); one list per lost chunk."""
+    for files in lost:
+        rows = {}
+        for result in compute.map_files(partial(read_chunk, root=root), [[file] for file in files],
+                                        workers):
+            file = result.item[0]
+            rows[file] = result.value[0] if result.ok else _failure(file, f"header reader {result.failure}")
+        yield [rows[file] for file in files]
 
 
 def _dask_results(chunks: Iterator[list[str]], root: str, workers: int, scheduler: str):
