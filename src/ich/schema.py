@@ -184,6 +184,8 @@ class Train(Section):
     finetune_lr: Annotated[float, Field(gt=0)]
     steps_per_epoch: PositiveInt | None
     monitor: Literal["val_auc", "val_loss"]
+    lr_schedule: Literal["plateau", "cosine"]
+    warmup_epochs: Annotated[Real, Field(ge=0)]
     early_stopping_patience: Count
     lr_patience: Count
     lr_factor: Annotated[float, Field(gt=0, lt=1)]  # Keras refuses a factor >= 1

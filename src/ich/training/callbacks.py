@@ -5,7 +5,8 @@ backup folder. Out: a list of callbacks for `model.fit`:
   TerminateOnNaN raising, so a NaN run stops with an error instead of looking finished
   ReduceLROnPlateau / EarlyStopping on train.monitor (val_auc, higher better, or val_loss,
                  lower better), their counters rebuilt from the CSV on resume (the former
-                 first: it adds the epoch's learning rate to the logs)
+                 first: it adds the epoch's learning rate to the logs); under a scheduled LR
+                 (train.lr_schedule cosine) LearningRateLog takes its place
   CSVLogger      history/<stage>_<phase>.csv, appended to on resume
   BestModel      the best weights so far (by the monitor), written atomically, with their score in a
                  .json beside them, shared by both phases of a stage (phase 2 must beat phase 1)
@@ -128,6 +129,16 @@ class TensorBoardX(keras.callbacks.Callback):
             self.writer = None
 
 
+class LearningRateLog(keras.callbacks.Callback):
+    """Put the optimizer's learning rate at the end of each epoch into the logs, as
+    ReduceLROnPlateau does, for the CSV history and TensorBoard when the LR follows a schedule."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        """Add logs["learning_rate"] (the value the schedule gives at the current step)."""
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
+
+
 class _Resumable:
     """Mixin: after on_train_begin resets the counters, set them to what the CSV history implies."""
 
@@ -194,10 +205,12 @@ def patience_state(rows: list[dict], monitor: str = MONITOR) -> tuple[float | No
 
 def phase_callbacks(*, best_path: Path, csv_path: Path, backup_dir: Path, log_dir: Path | None,
                     patience: int, lr_patience: int, lr_factor: float, min_lr: float,
-                    step_offset: int = 0, monitor: str = MONITOR) -> list[keras.callbacks.Callback]:
+                    step_offset: int = 0, monitor: str = MONITOR,
+                    plateau: bool = True) -> list[keras.callbacks.Callback]:
     """All callbacks of one phase, in the order that makes resuming exact (see module doc).
 
-    On resume (a backup exists in backup_dir) the CSV is trimmed to the backed-up epochs and
+    plateau False: the optimizer's LR is a schedule (ich.training.schedule), which
+    ReduceLROnPlateau cannot set; the LR is only logged. On resume (a backup exists in backup_dir) the CSV is trimmed to the backed-up epochs and
     appended to, and the patience counters continue from it; otherwise the CSV starts afresh.
     log_dir None turns TensorBoard off.
     """
@@ -206,15 +219,18 @@ def phase_callbacks(*, best_path: Path, csv_path: Path, backup_dir: Path, log_di
     best, since = patience_state(rows, monitor)
     mode = MONITOR_MODES[monitor]
     csv_path.parent.mkdir(parents=True, exist_ok=True)
+    # First at epoch end: it puts the epoch's learning rate into the logs the CSV and
+    # TensorBoard record. min_delta 0 so "better" means the same here, in EarlyStopping
+    # and in BestModel; with patience p the wait after k flat epochs is k mod p, exactly
+    # what Keras would hold had the run not been killed.
+    learning_rate = (ResumableReduceLROnPlateau(monitor=monitor, mode=mode, patience=lr_patience,
+                                                factor=lr_factor, min_lr=min_lr, min_delta=0.0,
+                                                verbose=1, resume_best=best,
+                                                resume_wait=since % max(lr_patience, 1))
+                     if plateau else LearningRateLog())
     callbacks = [
         keras.callbacks.TerminateOnNaN(raise_error=True),
-        # First at epoch end: it puts the epoch's learning rate into the logs the CSV and
-        # TensorBoard record. min_delta 0 so "better" means the same here, in EarlyStopping
-        # and in BestModel; with patience p the wait after k flat epochs is k mod p, exactly
-        # what Keras would hold had the run not been killed.
-        ResumableReduceLROnPlateau(monitor=monitor, mode=mode, patience=lr_patience,
-                                   factor=lr_factor, min_lr=min_lr, min_delta=0.0, verbose=1,
-                                   resume_best=best, resume_wait=since % max(lr_patience, 1)),
+        learning_rate,
         ResumableEarlyStopping(monitor=monitor, mode=mode, patience=patience, verbose=1,
                                resume_best=best, resume_wait=since),
         keras.callbacks.CSVLogger(str(csv_path), append=bool(start)),

@@ -33,6 +33,7 @@ from ich.errors import StepError
 from ich.io import Timer, atomic_path, summary
 from ich.models.sequence import training_model
 from ich.stamps import Stamp
+from ich.training.schedule import learning_rate
 from ich.training.stages import Stage, stage_seed
 from ich.training.trainer import CHECKPOINT_DIR, best_score, check_resume, fit_phase, load_best
 
@@ -139,10 +140,10 @@ def train_sequence(cfg: dict, stage: Stage, run_dir: Path, stamp: Stamp, splits:
         model = stage.build(cfg, train_f.shape[1])
         fitted = training_model(model)
         loss, _ = stage.loss(cfg, y_train)
-        fitted.compile(optimizer=keras.optimizers.Adam(float(seq["lr"])), loss=loss,
-                       metrics=[stage.metric()])
-        best_path = run_dir / CHECKPOINT_DIR / f"{stage.name}_best.weights.h5"
         batches = SeriesBatches(x_train, y_train, int(seq["batch_size"]), shuffle=True, seed=seed)
+        rate = learning_rate(cfg["train"], float(seq["lr"]), int(seq["epochs"]), len(batches))
+        fitted.compile(optimizer=keras.optimizers.Adam(rate), loss=loss, metrics=[stage.metric()])
+        best_path = run_dir / CHECKPOINT_DIR / f"{stage.name}_best.weights.h5"
         val_batches = SeriesBatches(x_val, y_val, int(seq["batch_size"]), shuffle=False, seed=seed)
         first, done = fit_phase(fitted, cfg, stage.name, PHASE, run_dir, batches, val_batches,
                                 int(seq["epochs"]), None, 0, best_path)

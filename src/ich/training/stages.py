@@ -105,15 +105,20 @@ def common_settings(cfg: dict, stage: Stage) -> dict:
     return {"seed": cfg["seed"], "input": InputSpec.from_config(cfg).to_json(),
             "weights": cfg["model"]["weights"], "dropout": cfg["model"]["dropout"],
             "online_augment": cfg["online_augment"], "augment_enabled": cfg["augment"]["enabled"],
-            "train": {**{k: train[k] for k in keys}, **monitor_setting(cfg)},
+            "train": {**{k: train[k] for k in keys}, **later_settings(cfg)},
             "epochs": {phase: phase_epochs(cfg, stage, phase) for phase in PHASES}}
 
 
-def monitor_setting(cfg: dict) -> dict:
-    """train.monitor for a stage's settings, only when it is not val_auc: runs recorded before
-    the key existed followed val_auc, and stay up to date instead of retraining."""
-    monitor = cfg["train"]["monitor"]
-    return {} if monitor == "val_auc" else {"monitor": monitor}
+# Recipe keys added after runs were first recorded, with the value those runs trained with.
+_LATER_KEYS = {"monitor": "val_auc", "lr_schedule": "plateau", "warmup_epochs": 0}
+
+
+def later_settings(cfg: dict) -> dict:
+    """train.monitor, train.lr_schedule and train.warmup_epochs for a stage's settings, each only
+    when it differs from what runs recorded before the key existed trained with: those runs stay
+    up to date instead of retraining."""
+    train = cfg["train"]
+    return {key: train[key] for key, old in _LATER_KEYS.items() if train[key] != old}
 
 
 def class_weights(y: np.ndarray) -> dict[int, float] | None:
@@ -212,7 +217,7 @@ def _settings_sequence(cfg: dict) -> dict:
     train = cfg["train"]
     keys = ("early_stopping_patience", "lr_patience", "lr_factor", "min_lr")
     return {"seed": cfg["seed"], "sequence": cfg["sequence"],
-            "train": {**{k: train[k] for k in keys}, **monitor_setting(cfg)}}
+            "train": {**{k: train[k] for k in keys}, **later_settings(cfg)}}
 
 
 def stage_entry(cfg: dict, stage: Stage) -> dict:

@@ -37,6 +37,7 @@ from ich.models.cascade import set_backbone_trainable
 from ich.models.online_augment import online_augmentation
 from ich.stamps import Stamp, difference
 from ich.training.callbacks import phase_callbacks, read_best, resume_epoch
+from ich.training.schedule import cuts_on_plateau, learning_rate
 from ich.training.stages import PHASES, Stage, phase_epochs, phase_lr, stage_seed
 
 log = logging.getLogger("ich")
@@ -92,7 +93,8 @@ def train_stage(cfg: dict, stage: Stage, spec: InputSpec, run_dir: Path, stamp: 
         if best_path.is_file():
             load_best(model, best_path)  # phase 2 starts from the best of phase 1
         set_backbone_trainable(model, phase == "finetune", pretrained=pretrained)
-        model.compile(optimizer=keras.optimizers.Adam(phase_lr(cfg, phase)), loss=loss,
+        rate = learning_rate(train, phase_lr(cfg, phase), epochs, len(batches))
+        model.compile(optimizer=keras.optimizers.Adam(rate), loss=loss,
                       metrics=[stage.metric()], jit_compile=jit)
         first, done = fit_phase(model, cfg, stage.name, phase, run_dir, batches, val_batches, epochs,
                            class_weight, offset, best_path)
@@ -160,7 +162,7 @@ def fit_phase(model, cfg, stage, phase, run_dir, batches, val_batches, epochs, c
         log_dir=run_dir / LOGS_DIR / stage if train["tensorboard"] else None,
         patience=int(train["early_stopping_patience"]), lr_patience=int(train["lr_patience"]),
         lr_factor=float(train["lr_factor"]), min_lr=float(train["min_lr"]), step_offset=offset,
-        monitor=train["monitor"])
+        monitor=train["monitor"], plateau=cuts_on_plateau(train))
     # BackupAndRestore leaves a resumed fit's start epoch on the model, and Keras prefers it to
     # fit's own initial_epoch: clear it, or the next phase would skip as many epochs.
     model._initial_epoch = None
