@@ -274,15 +274,15 @@ def _settle(pool: ProcessPoolExecutor, pending: dict, root: str, workers: int):
 
 
 def _isolated(lost: list[list[str]], root: str, workers: int):
-    """The rows of `lost`'s files, each read in an isolated worker process: a file whose reader
-    kills its process gets a failure row saying so ("header reader crashed with signal 11
-    (SIGSEGV)"); one list per lost chunk."""
+    """The rows of `lost`'s files, each read in an isolated worker process (one map over all
+    of them): a file whose reader kills its process gets a failure row saying so ("header
+    reader crashed with signal 11 (SIGSEGV)"); one list per lost chunk."""
+    rows = {}
+    for result in compute.map_files(partial(read_chunk, root=root),
+                                    [[file] for files in lost for file in files], workers):
+        file = result.item[0]
+        rows[file] = result.value[0] if result.ok else _failure(file, f"header reader {result.failure}")
     for files in lost:
-        rows = {}
-        for result in compute.map_files(partial(read_chunk, root=root), [[file] for file in files],
-                                        workers):
-            file = result.item[0]
-            rows[file] = result.value[0] if result.ok else _failure(file, f"header reader {result.failure}")
         yield [rows[file] for file in files]
 
 

@@ -210,8 +210,9 @@ def phase_callbacks(*, best_path: Path, csv_path: Path, backup_dir: Path, log_di
     """All callbacks of one phase, in the order that makes resuming exact (see module doc).
 
     plateau False: the optimizer's LR is a schedule (ich.training.schedule), which
-    ReduceLROnPlateau cannot set; the LR is only logged. On resume (a backup exists in backup_dir) the CSV is trimmed to the backed-up epochs and
-    appended to, and the patience counters continue from it; otherwise the CSV starts afresh.
+    ReduceLROnPlateau cannot set; the LR is only logged. On resume (a backup exists in
+    backup_dir) the CSV is trimmed to the backed-up epochs and appended to, and the patience
+    counters continue from it; otherwise the CSV starts afresh.
     log_dir None turns TensorBoard off.
     """
     start = resume_epoch(backup_dir)
