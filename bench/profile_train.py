@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     cfg = train_speed.ich_config(args.size, args.batch, args.set)
     print(f"{args.stage}, {args.size} px, batch {args.batch}, float32, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), keras {keras.__version__}", flush=True)
-    x, y = train_speed.random_batch(args.batch, args.size, train_speed.OUTPUTS[args.stage])
+    x, y = train_speed.random_batch(args.batch, args.size, train_speed.OUTPUTS[args.stage],
+                                    train_speed.input_channels(cfg))
     sides = {"ich": train_speed.ich_training(cfg, args.stage, bool(cfg["online_augment"]["enabled"]), x, y),
              "timm": train_speed.timm_training(args.stage, cfg, x, y)}
     for name, step in sides.items():

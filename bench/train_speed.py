@@ -50,12 +50,19 @@ import numpy as np  # noqa: E402
 OUTPUTS = {"stage1": 1, "stage2": 5}
 
 
-def random_batch(batch: int, size: int, outputs: int, seed: int = 0):
-    """(images float32 (N, S, S, 3) in [0, 1], labels float32 (N, k) with both classes per label)."""
+def random_batch(batch: int, size: int, outputs: int, channels: int = 3, seed: int = 0):
+    """(images float32 (N, S, S, C) in [0, 1], labels float32 (N, k) with both classes per label)."""
     rng = np.random.default_rng(seed)
     y = rng.integers(0, 2, (batch, outputs)).astype(np.float32)
     y[0], y[1] = 0.0, 1.0
-    return rng.random((batch, size, size, 3), dtype=np.float32), y
+    return rng.random((batch, size, size, channels), dtype=np.float32), y
+
+
+def input_channels(cfg: dict) -> int:
+    """The model input's channels under `cfg` (input.offsets x windows per slice: 3 or 9)."""
+    from ich.data.inputs import InputSpec
+
+    return InputSpec.from_config(cfg).n_channels
 
 
 # ---------------------------------------------------------------------------------------- ich
@@ -118,9 +125,10 @@ def timm_model(stage: str, cfg: dict):
     from timm_loader import load_timm
 
     timm = load_timm()
+    channels = input_channels(cfg)
     if stage == "stage1":
         return timm.create_model("tf_efficientnetv2_b0", pretrained=False, num_classes=1,
-                                 drop_rate=float(cfg["model"]["dropout"]))
+                                 drop_rate=float(cfg["model"]["dropout"]), in_chans=channels)
     dim, heads = int(cfg["model"]["fusion_dim"]), int(cfg["model"]["attention_heads"])
     size = int(cfg["model"]["image_size"])
 
@@ -130,7 +138,8 @@ def timm_model(stage: str, cfg: dict):
         def __init__(self):
             super().__init__()
             self.backbones = torch.nn.ModuleList(
-                timm.create_model(n, pretrained=False, num_classes=0, global_pool="")
+                timm.create_model(n, pretrained=False, num_classes=0, global_pool="",
+                                  in_chans=channels)
                 for n in ("tf_efficientnetv2_b0", "convnext_tiny"))
             self.proj = torch.nn.ModuleList(torch.nn.Conv2d(b.num_features, dim, 1) for b in self.backbones)
             self.norm = torch.nn.ModuleList(torch.nn.LayerNorm(dim, eps=1e-6) for _ in self.backbones)
@@ -282,14 +291,15 @@ def main(argv=None) -> int:
     cfg = ich_config(args.size, args.batch, args.set)
     print(f"torch {torch.__version__} ({torch.get_num_threads()} threads), keras "
           f"{keras.__version__}, timm {timm.__version__}")
-    print(f"{args.size} px, batch {args.batch}, float32, Adam, random init; {args.rounds} "
+    print(f"{args.size} px x {input_channels(cfg)} channels, batch {args.batch}, float32, Adam, "
+          f"random init; {args.rounds} "
           f"interleaved rounds x {args.steps} steps after {args.warmup} warm-up; ich jit_compile "
           f"{backend.resolve_jit(cfg['train']['jit_compile'])}", flush=True)
 
     train_rows, infer_rows = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:
-            x, y = random_batch(args.batch, args.size, OUTPUTS[stage])
+            x, y = random_batch(args.batch, args.size, OUTPUTS[stage], input_channels(cfg))
             rates = interleaved({
                 "ich": ich_training(cfg, stage, True, x, y),
                 "ich_no_aug": ich_training(cfg, stage, False, x, y),
