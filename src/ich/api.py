@@ -27,6 +27,7 @@ from ich import backend as backend_mod
 from ich import config as config_mod
 from ich.constants import LABELS, STEPS
 from ich.errors import StepError
+from ich.saved_models import reusing_loaded_models
 
 log = logging.getLogger("ich")
 
@@ -85,7 +86,8 @@ def run(cfg: dict, first: str = STEPS[0], last: str = STEPS[-1], force: bool = F
     if STEPS.index(first) > STEPS.index(last):
         raise ValueError(f"first step {first!r} comes after last step {last!r}")
     steps = STEPS[STEPS.index(first):STEPS.index(last) + 1]
-    return {name: run_step(cfg, name, force=force and name == first) for name in steps}
+    with reusing_loaded_models():   # a model one step loads is not read again by the next
+        return {name: run_step(cfg, name, force=force and name == first) for name in steps}
 
 
 def load_model(run_dir: str | Path):

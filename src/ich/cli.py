@@ -25,6 +25,7 @@ from ich import provenance, tracking
 from ich.constants import EXTERNAL_DATASETS, MODEL_SUFFIX, RESOLVED_CONFIG, STEPS
 from ich.errors import StepError  # noqa: F401  (re-exported: steps raise ich.cli.StepError)
 from ich.locks import LockError, hold
+from ich.saved_models import reusing_loaded_models
 from ich.stamps import step_reason
 
 log = logging.getLogger("ich")
@@ -88,6 +89,7 @@ def run_step(name: str, cfg: dict, force: bool = False) -> Path:
     work = Path(cfg["paths"]["work_dir"])
     run_dir = Path(cfg["paths"]["run_dir"])
     with ExitStack() as locks:
+        locks.enter_context(reusing_loaded_models())
         locks.enter_context(hold(work, "work directory"))
         if name in RUN_DIR_STEPS:
             locks.enter_context(hold(run_dir, "run directory"))
@@ -152,7 +154,8 @@ def _cmd_run(args) -> int:
         print(dry_run(cfg, STEPS[first:last + 1], forced=args.from_step if args.force else None))
         return 0
     # One lock for the whole run, so no other ich slips in between two steps (run_step's is re-entrant).
-    with hold(Path(cfg["paths"]["work_dir"]), "work directory"):
+    # A model one step loads is not read again by the next (ich.saved_models).
+    with hold(Path(cfg["paths"]["work_dir"]), "work directory"), reusing_loaded_models():
         for name in STEPS[first:last + 1]:
             # --force applies to the first step only; later steps see its new outputs as stale.
             run_step(name, cfg, force=args.force and name == args.from_step)

@@ -25,6 +25,7 @@ import pandas as pd
 import ich.models  # noqa: F401  (registers the custom layers and losses before loading)
 from ich.constants import CASCADE_JSON, IMAGE, LABELS
 from ich.data.series import pack, series_runs, unpack
+from ich.saved_models import load_saved
 from ich.evaluation.cascade_file import CascadeBase, batch_length, pad, read_cascade_json, stage_kind
 from ich.io import progress
 from ich.models.graph import with_fast_graph
@@ -201,8 +202,7 @@ def load_cascade(run_dir: Path) -> Cascade:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: {run_dir / CASCADE_JSON} names it as the "
                                     f"{stage['name']} model; run `ich train` to make it")
-        # compile=False: inference needs neither the optimizer nor the (custom) training loss.
-        model = keras.saving.load_model(path, compile=False)
+        model = load_saved(path)
         if stage_kind(stage) == IMAGE:
             shape = tuple(model.output_shape)
             if shape[-1] != len(stage["labels"]):

@@ -31,6 +31,7 @@ from ich.data.inputs import InputSpec
 from ich.evaluation.inference import predict_split, series_rows
 from ich.errors import StepError
 from ich.io import Timer, atomic_path, summary
+from ich.saved_models import load_saved
 from ich.models.sequence import training_model
 from ich.stamps import Stamp
 from ich.training.schedule import learning_rate
@@ -109,7 +110,7 @@ def load_cascade_images(run_dir: Path, cfg: dict):
     from ich.training.stages import STAGES, image_stage_names, stage_entry
 
     stages = [stage_entry(cfg, STAGES[name]) for name in image_stage_names()]
-    models = {s["name"]: keras.saving.load_model(Path(run_dir) / s["file"], compile=False) for s in stages}
+    models = {s["name"]: load_saved(Path(run_dir) / s["file"]) for s in stages}
     return Cascade(models=models, meta={"stages": stages, "input": InputSpec.from_config(cfg).to_json()})
 
 

@@ -32,6 +32,7 @@ from ich.data.inputs import InputSpec
 from ich.models.backbones import PREFIX
 from ich.models.cascade import build_stage1, build_stage2
 from ich.models.losses import weighted_bce
+from ich.saved_models import load_saved
 from ich.models.sequence import MaskedAUC, build_sequence, masked_bce
 
 log = logging.getLogger("ich")
@@ -201,7 +202,7 @@ def _init_stage2(model: keras.Model, cfg: dict, run_dir: Path) -> None:
     if name not in [layer.name for layer in model.layers]:
         log.info("train: stage2 has no %s backbone; model.stage2_from_stage1 has nothing to copy", name)
         return
-    stage1 = keras.saving.load_model(Path(run_dir) / STAGES["stage1"].file, compile=False)
+    stage1 = load_saved(Path(run_dir) / STAGES["stage1"].file)
     model.get_layer(name).set_weights(stage1.get_layer(name).get_weights())
     log.info("train: stage2 %s starts from trained stage 1", name)
 
