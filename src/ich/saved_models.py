@@ -12,9 +12,9 @@ Why: deserialising a stage rebuilds its ~270 layers, about 5 s per model on 2 CP
 one demo run loaded stage 1 four times and stage 2 three times (stage 2's initialisation, the
 sequence stage's features, the validation thresholds, the evaluation), over 40 s of a
 ten-minute budget. Safe because no step changes a loaded model: they predict with it or copy
-its weights out (stage 2's initialisation from stage 1, ich.training.stages). Outside the context nothing is
-cached, so a caller of the Python API who edits or trains a loaded model never gets that
-object back from a later load.
+its weights out (stage 2's initialisation from stage 1, ich.training.stages). Outside the
+context nothing is cached, so a caller of the Python API who edits or trains a loaded model
+never gets that object back from a later load.
 """
 
 from __future__ import annotations

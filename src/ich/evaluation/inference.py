@@ -25,10 +25,10 @@ import pandas as pd
 import ich.models  # noqa: F401  (registers the custom layers and losses before loading)
 from ich.constants import CASCADE_JSON, IMAGE, LABELS
 from ich.data.series import pack, series_runs, unpack
-from ich.saved_models import load_saved
 from ich.evaluation.cascade_file import CascadeBase, batch_length, pad, read_cascade_json, stage_kind
 from ich.io import progress
 from ich.models.graph import with_fast_graph
+from ich.saved_models import load_saved
 
 FEATURE_LAYER = "pool"  # each image stage's pooled features, the sequence stage's input
 SERIES_BATCH = 8        # series per forward pass of the sequence stage
