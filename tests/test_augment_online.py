@@ -11,8 +11,9 @@ import pytest
 
 from ich import config
 from ich.models.online_augment import online_augmentation
-from ich.models import warp
-from ich.models.warp import RandomWarp, bilinear_sample
+from ich.models import intensity, warp
+from ich.models.intensity import RandomIntensity
+from ich.models.warp import RandomWarp, bilinear_sample, flip_coordinates
 
 
 def params(**changes) -> dict:
@@ -105,6 +106,82 @@ def test_torch_field_of_the_drawn_images_equals_the_keras_ops_field():
     assert not numpy(warp.drawn_field_torch(keras.ops.convert_to_tensor(coarse), none, 2.5, 24, 20)).any()
 
 
+def keras_intensity(images, delta, factor, drawn, sigma):
+    """Keras' own three layers, as the online augmentation ran them before RandomIntensity,
+    applied with the given draws."""
+    unit = {"value_range": (0.0, 1.0)}
+    x = keras.layers.RandomBrightness(0.1, **unit).transform_images(
+        keras.ops.convert_to_tensor(images), {"rgb_delta": delta})
+    x = keras.layers.RandomContrast(0.1, **unit).transform_images(x, {"contrast_factor": factor})
+    return keras.layers.RandomGaussianBlur(0.1, **unit).transform_images(
+        x, {"should_apply_blur": keras.ops.convert_to_tensor(drawn), "blur_factor": sigma})
+
+
+def intensity_draws(n=5):
+    rng = np.random.default_rng(8)
+    delta = rng.uniform(-0.3, 0.3, (n, 1, 1, 1)).astype("float32")   # strong: clipping happens
+    factor = np.array([1.4, 0.6, 1.3, 1.2, 1.5][:n], "float32").reshape(n, 1, 1, 1)
+    drawn = np.array([True, False, True, False, False][:n])
+    sigma = np.array([0.7, 0.4], "float32")
+    return delta, factor, drawn, sigma
+
+
+def intensity_images():
+    images = np.random.default_rng(9).random((5, 12, 10, 9)).astype("float32")
+    images[:, :2], images[:, -2:] = 1.0, 0.0   # stretched past 1 and below 0: both clips act
+    return images
+
+
+def test_intensity_equals_keras_brightness_contrast_and_blur_given_the_same_draws():
+    images = intensity_images()
+    draws = intensity_draws()
+    expected = numpy(keras_intensity(images, *draws))
+    assert (expected == 0).any() and (expected == 1).any()     # both clips were exercised
+    for implementation in (intensity.adjust_ops, intensity.adjust):   # adjust: torch's own ops
+        out = numpy(implementation(images, *draws))
+        assert out.shape == images.shape and out.dtype == np.float32
+        np.testing.assert_allclose(out, expected, atol=2e-6)
+    # Not blurred where not drawn: images 1, 3, 4 equal brightness and contrast alone.
+    plain = numpy(intensity.adjust(images, *draws[:2]))
+    np.testing.assert_allclose(plain[[1, 3, 4]], expected[[1, 3, 4]], atol=2e-6)
+    assert not np.allclose(plain[0], expected[0], atol=1e-3)
+
+
+def test_intensity_layer_stays_in_unit_range_and_varies_per_image():
+    layer = RandomIntensity(brightness=0.5, contrast=0.5, blur_p=0.5, seed=2)
+    x = np.full((16, 8, 8, 3), 0.5, "float32")
+    y = numpy(layer(x, training=True))
+    assert 0.0 <= y.min() and y.max() <= 1.0
+    assert len(np.unique(y.mean(axis=(1, 2, 3)).round(5))) > 8
+    np.testing.assert_array_equal(numpy(layer(x, training=False)), x)
+
+
+@pytest.mark.parametrize("mode", ["horizontal", "vertical", "horizontal_and_vertical"])
+def test_flip_folded_into_the_coordinates_equals_flipping_first(mode):
+    rng = np.random.default_rng(10)
+    images = rng.random((4, 9, 7, 3)).astype("float32")
+    src_y = rng.uniform(0.0, 8.0, (4, 9, 7)).astype("float32")
+    src_x = rng.uniform(0.0, 6.0, (4, 9, 7)).astype("float32")
+    flips = np.array([True, False, True, False])
+    axes = {"horizontal": (2,), "vertical": (1,), "horizontal_and_vertical": (1, 2)}[mode]
+    flipped = np.where(flips[:, None, None, None], np.flip(images, axes), images)
+    expected = numpy(bilinear_sample(flipped, src_y, src_x))
+    out = numpy(bilinear_sample(images, *flip_coordinates(src_y, src_x, keras.ops.convert_to_tensor(flips),
+                                                          mode, 9, 7)))
+    np.testing.assert_allclose(out, expected, atol=2e-6)
+
+
+def test_warp_flip_alone_flips_about_half_of_the_images():
+    x = batch(n=32)
+    y = numpy(RandomWarp(flip="horizontal", seed=4)(x, training=True))
+    same = [np.allclose(y[i], x[i], atol=1e-5) for i in range(32)]
+    mirrored = [np.allclose(y[i], x[i, :, ::-1], atol=1e-5) for i in range(32)]
+    assert all(a or b for a, b in zip(same, mirrored))
+    assert 6 <= sum(mirrored) <= 26
+    with pytest.raises(ValueError, match="flip must be one of"):
+        RandomWarp(flip="sideways")
+
+
 def test_elastic_displacement_stays_small():
     size = 64
     yy, xx = np.mgrid[0:size, 0:size].astype("float32")
@@ -132,6 +209,9 @@ def test_survives_save_and_load_inside_a_model(tmp_path):
         [type(layer).__name__ for layer in model.get_layer("online_augment").layers]
     warp = next(layer for layer in augment.layers if isinstance(layer, RandomWarp))
     assert warp.elastic_p == pytest.approx(0.2) and warp.rotation == pytest.approx(0.04)
+    assert warp.flip == "horizontal"
+    adjust = next(layer for layer in augment.layers if isinstance(layer, RandomIntensity))
+    assert adjust.brightness == pytest.approx(0.1) and adjust.blur_p == pytest.approx(0.1)
     assert not np.allclose(numpy(augment(x, training=True)), x)
 
 
@@ -149,6 +229,14 @@ with warnings.catch_warnings():
     model.fit(np.random.rand(8, 16, 16, 3).astype("float32"), np.ones((8, 1), "float32"),
               batch_size=4, epochs=1, verbose=0)
 print("jit ok")
+# The keras.ops intensity path on JAX against Keras' own layers, given the same draws.
+from test_augment_online import intensity_draws, keras_intensity
+from ich.models.intensity import adjust
+from test_augment_online import intensity_images
+images = intensity_images()
+np.testing.assert_allclose(np.asarray(adjust(images, *intensity_draws())),
+                           np.asarray(keras_intensity(images, *intensity_draws())), atol=2e-6)
+print("intensity ok")
 """
 
 
@@ -157,4 +245,4 @@ def test_traces_under_jax_jit():
     env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
     result = subprocess.run([sys.executable, "-c", JAX_SCRIPT], env=env, capture_output=True,
                             text=True, timeout=300, cwd=Path(__file__).parent)
-    assert result.returncode == 0 and "jit ok" in result.stdout, result.stderr[-3000:]
+    assert result.returncode == 0 and "intensity ok" in result.stdout, result.stderr[-3000:]

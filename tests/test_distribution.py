@@ -27,6 +27,8 @@ def test_batch_must_split_over_the_devices():
         check_batch(12, 8, processes=2)
     with pytest.raises(StepError, match="batch_size 3 .* 4 devices.*set train.batch_size 4$"):
         check_batch(3, 4)
+    with pytest.raises(StepError, match="train.stage2_batch_size 6 .*set train.stage2_batch_size 4 or 8"):
+        check_batch(6, 4, key="train.stage2_batch_size")
 
 
 def test_even_share_cuts_training_and_pads_validation():

@@ -306,6 +306,27 @@ def test_phase_epochs_stage2_override():
     assert phase_epochs(cfg, STAGES["stage2"], "finetune") == 3
 
 
+def test_stage2_batch_size_sets_stage_2_batches_only_and_keeps_old_stamps_while_null(tmp_path):
+    from ich.data.inputs import InputSpec
+    from ich.steps.train import stage_data, stage_stamp
+    from ich.training.stages import STAGES
+
+    make_work(tmp_path / "work")
+    cfg = tiny_cfg(tmp_path)
+    spec = InputSpec.from_config(cfg)
+    assert cfg["train"]["stage2_batch_size"] is None
+    before = {name: stage_stamp(cfg, STAGES[name]).settings for name in ("stage1", "stage2")}
+    assert before["stage2"]["train"]["batch_size"] == 8
+    cfg["train"]["stage2_batch_size"] = 3
+    stage1 = stage_data(cfg, STAGES["stage1"], spec)[0]
+    stage2 = stage_data(cfg, STAGES["stage2"], spec)[0]
+    assert stage1.batch_size == 8 and len(stage1[0][0]) == 8      # 16 training images
+    assert stage2.batch_size == 3 and len(stage2) == 3            # the 8 positives: 3 + 3 + 2
+    after = {name: stage_stamp(cfg, STAGES[name]).settings for name in ("stage1", "stage2")}
+    assert after["stage1"] == before["stage1"]
+    assert after["stage2"]["train"]["batch_size"] == 3 and after["stage2"] != before["stage2"]
+
+
 def test_check_resume_keeps_state_of_the_same_run_and_drops_that_of_a_resplit(tmp_path, caplog):
     """The resume rule in-process (the SIGKILL version is test_train_resume's slow test): the
     in-progress state of a stage is kept while its settings and inputs are those it started

@@ -175,6 +175,7 @@ class Train(Section):
     mixed_precision: Switch
     jit_compile: Switch
     batch_size: PositiveInt
+    stage2_batch_size: PositiveInt | None
     distribution: Literal["data_parallel"] | None
     stages: Annotated[list[NonEmpty], Field(min_length=1)]  # names checked by the train step
     frozen_epochs: Count

@@ -1,8 +1,11 @@
-"""RandomWarp: one Keras layer for random rotation, zoom, shift and elastic warping.
+"""RandomWarp: one Keras layer for random flip, rotation, zoom, shift and elastic warping.
 
 In: float (N, H, W, C) images (channels last). Out: the same shape, each image resampled once
 (bilinear, zeros outside) through its own random affine map plus, with probability
-elastic_p, a smooth random displacement field. Identity at inference (training=False).
+elastic_p, a smooth random displacement field, flipped with probability 1/2 (the flip is a
+reflection of the source coordinates, so it costs no pass over the pixels, which a separate
+keras.layers.RandomFlip made twice: a flip and a select).
+Identity at inference (training=False).
 
 Why not keras.layers.RandomRotation/RandomZoom/RandomTranslation/RandomElasticTransform:
 the first three mark themselves `supports_jit = False`, which silently turns off XLA for the
@@ -28,18 +31,25 @@ from keras import ops
 # The elastic field is random noise on a coarse grid of this many control points per side,
 # upsampled bicubically: a smooth field whose wiggles span about 1/8 of the image.
 ELASTIC_GRID = 8
+# The coordinate axes each flip mode reflects (keras.layers.RandomFlip's modes).
+FLIP_AXES = {"none": "", "horizontal": "x", "vertical": "y", "horizontal_and_vertical": "yx"}
 
 
 @keras.saving.register_keras_serializable(package="ich")
 class RandomWarp(keras.layers.Layer):
     """Random rotation (fraction of a full turn), zoom and shift (fractions of the side),
-    and elastic displacement (probability elastic_p, at most elastic_scale of the side).
+    elastic displacement (probability elastic_p, at most elastic_scale of the side), and a flip
+    (`flip` as keras.layers.RandomFlip's mode: each image flipped with probability 1/2, along
+    both axes at once for horizontal_and_vertical, as that layer does).
     """
 
     def __init__(self, rotation: float = 0.0, zoom: float = 0.0, translate: float = 0.0,
                  elastic_p: float = 0.0, elastic_scale: float = 0.0, seed: int | None = None,
-                 **kwargs):
+                 flip: str = "none", **kwargs):
         super().__init__(**kwargs)
+        if flip not in FLIP_AXES:
+            raise ValueError(f"RandomWarp: flip must be one of {sorted(FLIP_AXES)}, not {flip!r}")
+        self.flip = flip
         self.rotation = float(rotation)
         self.zoom = float(zoom)
         self.translate = float(translate)
@@ -52,7 +62,7 @@ class RandomWarp(keras.layers.Layer):
 
     def call(self, images, training=None):
         """Warp `images` when training; return them unchanged otherwise."""
-        if not training or not (self.rotation or self.zoom or self.translate
+        if not training or not (self.rotation or self.zoom or self.translate or FLIP_AXES[self.flip]
                                 or (self.elastic_p and self.elastic_scale)):
             return images
         images = ops.cast(images, self.compute_dtype)
@@ -62,6 +72,10 @@ class RandomWarp(keras.layers.Layer):
         if self.elastic_p > 0 and self.elastic_scale > 0:
             dy, dx = self._elastic_field(n, height, width)
             src_y, src_x = src_y + dy, src_x + dx
+        if FLIP_AXES[self.flip]:
+            flips = keras.random.uniform((n,), 0.0, 1.0, seed=self.seed_generator,
+                                         dtype=self.compute_dtype) <= 0.5
+            src_y, src_x = flip_coordinates(src_y, src_x, flips, self.flip, height, width)
         return bilinear_sample(images, src_y, src_x)
 
     def _uniform(self, n, limit):
@@ -105,7 +119,20 @@ class RandomWarp(keras.layers.Layer):
         """Constructor arguments, for saving and loading .keras files."""
         return {**super().get_config(), "rotation": self.rotation, "zoom": self.zoom,
                 "translate": self.translate, "elastic_p": self.elastic_p,
-                "elastic_scale": self.elastic_scale, "seed": self.seed}
+                "elastic_scale": self.elastic_scale, "seed": self.seed, "flip": self.flip}
+
+
+def flip_coordinates(src_y, src_x, flips, mode: str, height: int, width: int):
+    """Source coordinates (N, H, W) that read the flipped image where `flips` (N,) is true:
+    sampling the original at these equals flipping it first and then sampling at src_y, src_x
+    (a flip maps pixel x to width - 1 - x). `mode` as keras.layers.RandomFlip's."""
+    where = ops.reshape(flips, (-1, 1, 1))
+    axes = FLIP_AXES[mode]
+    if "y" in axes:
+        src_y = ops.where(where, (height - 1) - src_y, src_y)
+    if "x" in axes:
+        src_x = ops.where(where, (width - 1) - src_x, src_x)
+    return src_y, src_x
 
 
 def drawn_field(coarse, drawn, amplitude: float, height: int, width: int):

@@ -32,7 +32,8 @@ from ich.io import write_json
 from ich.stamps import Stamp, reason, record, record_path
 from ich.training import distribution
 from ich.training.sequence import train_sequence
-from ich.training.stages import STAGES, Stage, get_stage, image_stage_names, stage_entry, stage_seed
+from ich.training.stages import (STAGES, Stage, get_stage, image_stage_names, stage_batch_size,
+                                 stage_entry, stage_seed)
 from ich.training.trainer import clear_stage, train_stage
 
 log = logging.getLogger("ich")
@@ -94,7 +95,9 @@ def run(cfg: dict, force: bool = False) -> Path:
     jit = backend.resolve_jit(cfg["train"]["jit_compile"])
     log.info("train: backend %s, mixed precision %s, jit_compile %s, input %d channels (offsets %s)",
              backend.current(), mixed, jit, spec.n_channels, list(spec.offsets))
-    log.info("train: %s, global batch %d", plan.describe(), int(cfg["train"]["batch_size"]))
+    own = cfg["train"]["stage2_batch_size"]
+    log.info("train: %s, global batch %d%s", plan.describe(), int(cfg["train"]["batch_size"]),
+             f" (stage 2: {int(own)})" if own is not None else "")
     config.save(cfg, run_dir / RUN_CONFIG)
 
     previous_policy = keras.mixed_precision.global_policy()
@@ -144,7 +147,7 @@ def stage_data(cfg: dict, stage: Stage, spec: InputSpec, plan: distribution.Plan
     (Stage.rows) of the train and val splits, against its labels; with a distribution `plan`,
     the batches are this process's even share of each global batch (ich.training.distribution)."""
     work = Path(cfg["paths"]["work_dir"])
-    batch_size = int(cfg["train"]["batch_size"])
+    batch_size = stage_batch_size(cfg, stage)
     workers = config.resolve_workers(cfg["data"]["workers"])
     seed = stage_seed(cfg, stage)
     out = []

@@ -106,17 +106,19 @@ class Plan:
         return f"data parallel over {self.devices} devices{hosts}: {', '.join(self.names)}"
 
 
-def check_batch(batch_size: int, devices: int, processes: int = 1) -> None:
-    """StepError unless the global batch splits evenly over the devices (and so the processes)."""
+def check_batch(batch_size: int, devices: int, processes: int = 1,
+                key: str = "train.batch_size") -> None:
+    """StepError unless the global batch (config `key`) splits evenly over the devices (and so
+    the processes)."""
     if devices < 1:
         raise StepError("train.distribution: no device found to train on")
     if batch_size % devices:
         lower = batch_size - batch_size % devices
         choices = f"{lower} or {lower + devices}" if lower else str(devices)
         raise StepError(
-            f"train.batch_size {batch_size} is the global batch and must be a multiple of the "
+            f"{key} {batch_size} is the global batch and must be a multiple of the "
             f"{devices} devices of train.distribution data_parallel"
-            f"{f' ({processes} processes)' if processes > 1 else ''}; set train.batch_size {choices}")
+            f"{f' ({processes} processes)' if processes > 1 else ''}; set {key} {choices}")
 
 
 def plan(cfg: dict) -> Plan:
@@ -129,11 +131,13 @@ def plan(cfg: dict) -> Plan:
     name = keras.backend.backend()
     if kind is None:
         return Plan(None, name)
-    batch_size = int(cfg["train"]["batch_size"])
+    # Every stage's global batch must split over the devices (stage 2 may have its own).
+    sizes = {key: int(cfg["train"][key]) for key in ("batch_size", "stage2_batch_size")
+             if cfg["train"].get(key) is not None}
     if name == "jax":
-        return _jax_plan(batch_size)
+        return _jax_plan(sizes)
     if name == "tensorflow":
-        return _tensorflow_plan(batch_size)
+        return _tensorflow_plan(sizes)
     raise StepError(
         f"train.distribution data_parallel: Keras {keras.__version__} has no data-parallel "
         f"training on the {name} backend (only JAX and TensorFlow have a keras.distribution "
@@ -141,7 +145,7 @@ def plan(cfg: dict) -> Plan:
         f"train.backend jax, or set train.distribution null to train on one device")
 
 
-def _jax_plan(batch_size: int) -> Plan:
+def _jax_plan(batch_sizes: dict[str, int]) -> Plan:
     processes_env = os.environ.get("KERAS_DISTRIBUTION_NUM_PROCESSES")
     if processes_env and int(processes_env) > 1:
         missing = [v for v in MULTI_HOST_ENV if not os.environ.get(v)]
@@ -154,17 +158,19 @@ def _jax_plan(batch_size: int) -> Plan:
 
     devices = keras.distribution.list_devices()
     processes, process_id = jax_lib.num_processes(), jax_lib.process_id()
-    check_batch(batch_size, len(devices), processes)
+    for key, batch_size in batch_sizes.items():
+        check_batch(batch_size, len(devices), processes, f"train.{key}")
     return Plan("data_parallel", "jax", len(devices), processes, process_id, list(devices),
                 _distribution=keras.distribution.DataParallel(devices=devices))
 
 
-def _tensorflow_plan(batch_size: int) -> Plan:
+def _tensorflow_plan(batch_sizes: dict[str, int]) -> Plan:
     import tensorflow as tf
 
     strategy = tf.distribute.MirroredStrategy()
     devices = list(strategy.extended.worker_devices)
-    check_batch(batch_size, strategy.num_replicas_in_sync)
+    for key, batch_size in batch_sizes.items():
+        check_batch(batch_size, strategy.num_replicas_in_sync, key=f"train.{key}")
     return Plan("data_parallel", "tensorflow", strategy.num_replicas_in_sync, 1, 0, devices,
                 _strategy=strategy)
 

@@ -86,6 +86,14 @@ def phase_epochs(cfg: dict, stage: Stage, phase: str) -> int:
     return int(own) if own is not None else int(train["finetune_epochs"])
 
 
+def stage_batch_size(cfg: dict, stage: Stage) -> int:
+    """Images per training step of a stage: train.batch_size unless the stage has its own
+    `train.<stage>_batch_size`."""
+    train = cfg["train"]
+    own = train.get(f"{stage.name}_batch_size")
+    return int(own) if own is not None else int(train["batch_size"])
+
+
 def stage_seed(cfg: dict, stage: Stage) -> int:
     """The seed of a stage's initialisation, shuffling and augmentation: distinct per stage."""
     return int(cfg["seed"]) + list(STAGES).index(stage.name)
@@ -101,12 +109,15 @@ def common_settings(cfg: dict, stage: Stage) -> dict:
     augmentation, the training data and recipe. Worker counts, TensorBoard and backend stay
     out: they change how fast, not what is learnt."""
     train = cfg["train"]
-    keys = ("batch_size", "frozen_lr", "finetune_lr", "steps_per_epoch", "early_stopping_patience",
+    keys = ("frozen_lr", "finetune_lr", "steps_per_epoch", "early_stopping_patience",
             "lr_patience", "lr_factor", "min_lr", "frozen_epochs", "mixed_precision")
     return {"seed": cfg["seed"], "input": InputSpec.from_config(cfg).to_json(),
             "weights": cfg["model"]["weights"], "dropout": cfg["model"]["dropout"],
             "online_augment": cfg["online_augment"], "augment_enabled": cfg["augment"]["enabled"],
-            "train": {**{k: train[k] for k in keys}, **later_settings(cfg)},
+            # The stage's own batch under the old key: runs recorded before stage2_batch_size
+            # stay up to date while it is null.
+            "train": {"batch_size": stage_batch_size(cfg, stage), **{k: train[k] for k in keys},
+                      **later_settings(cfg)},
             "epochs": {phase: phase_epochs(cfg, stage, phase) for phase in PHASES}}
 
 

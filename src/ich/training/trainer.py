@@ -38,7 +38,8 @@ from ich.models.online_augment import online_augmentation
 from ich.stamps import Stamp, difference
 from ich.training.callbacks import phase_callbacks, read_best, resume_epoch
 from ich.training.schedule import cuts_on_plateau, learning_rate
-from ich.training.stages import PHASES, Stage, phase_epochs, phase_lr, stage_seed
+from ich.training.stages import (PHASES, Stage, phase_epochs, phase_lr, stage_batch_size,
+                                 stage_seed)
 
 log = logging.getLogger("ich")
 
@@ -72,7 +73,7 @@ def train_stage(cfg: dict, stage: Stage, spec: InputSpec, run_dir: Path, stamp: 
     train = cfg["train"]
     if train["steps_per_epoch"] is not None and int(train["steps_per_epoch"]) < len(batches):
         batches = EpochCap(batches, int(train["steps_per_epoch"]))
-        per_epoch = len(batches) * int(train["batch_size"])
+        per_epoch = len(batches) * stage_batch_size(cfg, stage)
     else:
         per_epoch = len(y_train)
 
