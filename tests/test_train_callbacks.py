@@ -102,6 +102,25 @@ def test_best_model_on_val_loss_keeps_the_lowest_and_ignores_a_val_auc_score(tmp
     assert read_best(path) == {"monitor": "val_loss", "value": 0.3, "epoch": 2}
 
 
+@pytest.mark.filterwarnings("ignore:Skipping variable loading for optimizer")
+def test_best_model_keep_last_saves_every_epoch_with_a_finite_score(tmp_path):
+    path, model, _ = best_model(tmp_path)
+    cb = BestModel(path, "val_loss", keep="last")
+    cb.set_model(model)
+    cb.on_epoch_end(0, {"val_loss": 0.3})
+    model.get_layer("out").set_weights([w + 1 for w in model.get_layer("out").get_weights()])
+    last = model.get_layer("out").get_weights()
+    cb.on_epoch_end(1, {"val_loss": 0.9})        # worse, kept: it is the last
+    cb.on_epoch_end(2, {"val_loss": float("nan")})
+    assert read_best(path) == {"monitor": "val_loss", "value": 0.9, "epoch": 1}
+    model.get_layer("out").set_weights([w * 0 for w in last])
+    model.load_weights(path)
+    for got, want in zip(model.get_layer("out").get_weights(), last):
+        np.testing.assert_array_equal(got, want)
+    with pytest.raises(ValueError, match="keep must be best or last"):
+        BestModel(path, keep="first")
+
+
 def test_tensorboard_writes_event_file(tmp_path):
     model = tiny_model()
     cb = TensorBoardX(tmp_path / "logs", step_offset=5)

@@ -185,6 +185,7 @@ class Train(Section):
     finetune_lr: Annotated[float, Field(gt=0)]
     steps_per_epoch: PositiveInt | None
     monitor: Literal["val_auc", "val_loss"]
+    keep: Literal["best", "last"]
     lr_schedule: Literal["plateau", "cosine"]
     warmup_epochs: Annotated[Real, Field(ge=0)]
     early_stopping_patience: Count

@@ -47,8 +47,11 @@ class BestModel(keras.callbacks.Callback):
     .keras archive (which the train step writes once, at the end, from these weights).
     """
 
-    def __init__(self, path: str | Path, monitor: str = MONITOR):
+    def __init__(self, path: str | Path, monitor: str = MONITOR, keep: str = "best"):
         super().__init__()
+        if keep not in ("best", "last"):
+            raise ValueError(f"BestModel: keep must be best or last, not {keep!r}")
+        self.keep = keep
         self.path = Path(path)
         if not self.path.name.endswith(WEIGHTS_SUFFIX):
             raise ValueError(f"BestModel: {self.path} must end with {WEIGHTS_SUFFIX}")
@@ -58,11 +61,13 @@ class BestModel(keras.callbacks.Callback):
         self.best = score["value"] if score and score.get("monitor", MONITOR) == monitor else None
 
     def on_epoch_end(self, epoch, logs=None):
-        """Save if logs[monitor] improved; a NaN score never counts as better."""
+        """Save if logs[monitor] improved (keep "last": every epoch); a NaN score never counts as
+        better and is never saved."""
         value = (logs or {}).get(self.monitor)
         if value is None or math.isnan(value):
             return
-        if self.best is not None and not self.sign * value > self.sign * self.best:
+        if (self.keep == "best" and self.best is not None
+                and not self.sign * value > self.sign * self.best):
             return
         self.best = float(value)
         # A functional view over the same layers: the model's weights without its optimizer.
@@ -206,14 +211,15 @@ def patience_state(rows: list[dict], monitor: str = MONITOR) -> tuple[float | No
 def phase_callbacks(*, best_path: Path, csv_path: Path, backup_dir: Path, log_dir: Path | None,
                     patience: int, lr_patience: int, lr_factor: float, min_lr: float,
                     step_offset: int = 0, monitor: str = MONITOR,
-                    plateau: bool = True) -> list[keras.callbacks.Callback]:
+                    plateau: bool = True, keep: str = "best") -> list[keras.callbacks.Callback]:
     """All callbacks of one phase, in the order that makes resuming exact (see module doc).
 
     plateau False: the optimizer's LR is a schedule (ich.training.schedule), which
     ReduceLROnPlateau cannot set; the LR is only logged. On resume (a backup exists in
     backup_dir) the CSV is trimmed to the backed-up epochs and appended to, and the patience
     counters continue from it; otherwise the CSV starts afresh.
-    log_dir None turns TensorBoard off.
+    log_dir None turns TensorBoard off. keep: which epoch's weights the phase leaves at best_path
+    (BestModel): the best monitored one, or the last.
     """
     start = resume_epoch(backup_dir)
     rows = trim_history(csv_path, start) if start else []
@@ -235,7 +241,7 @@ def phase_callbacks(*, best_path: Path, csv_path: Path, backup_dir: Path, log_di
         ResumableEarlyStopping(monitor=monitor, mode=mode, patience=patience, verbose=1,
                                resume_best=best, resume_wait=since),
         keras.callbacks.CSVLogger(str(csv_path), append=bool(start)),
-        BestModel(best_path, monitor),
+        BestModel(best_path, monitor, keep),
     ]
     if log_dir is not None:
         callbacks.append(TensorBoardX(log_dir, step_offset=step_offset))

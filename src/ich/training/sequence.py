@@ -146,8 +146,9 @@ def train_sequence(cfg: dict, stage: Stage, run_dir: Path, stamp: Stamp, splits:
         fitted.compile(optimizer=keras.optimizers.Adam(rate), loss=loss, metrics=[stage.metric()])
         best_path = run_dir / CHECKPOINT_DIR / f"{stage.name}_best.weights.h5"
         val_batches = SeriesBatches(x_val, y_val, int(seq["batch_size"]), shuffle=False, seed=seed)
+        # Its best epoch whatever train.keep says: it stops early, patience epochs past its best.
         first, done = fit_phase(fitted, cfg, stage.name, PHASE, run_dir, batches, val_batches,
-                                int(seq["epochs"]), None, 0, best_path)
+                                int(seq["epochs"]), None, 0, best_path, keep="best")
         if not best_path.is_file():
             raise StepError(f"{stage.name}: no epoch produced a finite validation AUC; check that "
                             "the val split holds series with both classes, then rerun with --force")

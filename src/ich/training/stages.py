@@ -122,11 +122,11 @@ def common_settings(cfg: dict, stage: Stage) -> dict:
 
 
 # Recipe keys added after runs were first recorded, with the value those runs trained with.
-_LATER_KEYS = {"monitor": "val_auc", "lr_schedule": "plateau", "warmup_epochs": 0}
+_LATER_KEYS = {"monitor": "val_auc", "lr_schedule": "plateau", "warmup_epochs": 0, "keep": "best"}
 
 
 def later_settings(cfg: dict) -> dict:
-    """train.monitor, train.lr_schedule and train.warmup_epochs for a stage's settings, each only
+    """train.monitor, lr_schedule, warmup_epochs and keep for a stage's settings, each only
     when it differs from what runs recorded before the key existed trained with: those runs stay
     up to date instead of retraining."""
     train = cfg["train"]
@@ -229,7 +229,9 @@ def _settings_sequence(cfg: dict) -> dict:
     train = cfg["train"]
     keys = ("early_stopping_patience", "lr_patience", "lr_factor", "min_lr")
     return {"seed": cfg["seed"], "sequence": cfg["sequence"],
-            "train": {**{k: train[k] for k in keys}, **later_settings(cfg)}}
+            # train.keep is for the image stages only (see ich.training.sequence).
+            "train": {**{k: train[k] for k in keys},
+                      **{k: v for k, v in later_settings(cfg).items() if k != "keep"}}}
 
 
 def stage_entry(cfg: dict, stage: Stage) -> dict:

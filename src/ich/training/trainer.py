@@ -150,8 +150,9 @@ def check_resume(stage: Stage, stamp: Stamp, run_dir: Path) -> None:
 
 
 def fit_phase(model, cfg, stage, phase, run_dir, batches, val_batches, epochs, class_weight,
-         offset, best_path) -> tuple[int, int]:
-    """Run one phase with its callbacks; return (first epoch run now, epochs finished in all)."""
+              offset, best_path, keep: str | None = None) -> tuple[int, int]:
+    """Run one phase with its callbacks; return (first epoch run now, epochs finished in all).
+    keep: the epoch whose weights best_path holds afterwards, best or last (None: train.keep)."""
     train = cfg["train"]
     backup_dir = run_dir / BACKUP_DIR / f"{stage}_{phase}"
     start = resume_epoch(backup_dir)
@@ -163,7 +164,7 @@ def fit_phase(model, cfg, stage, phase, run_dir, batches, val_batches, epochs, c
         log_dir=run_dir / LOGS_DIR / stage if train["tensorboard"] else None,
         patience=int(train["early_stopping_patience"]), lr_patience=int(train["lr_patience"]),
         lr_factor=float(train["lr_factor"]), min_lr=float(train["min_lr"]), step_offset=offset,
-        monitor=train["monitor"], plateau=cuts_on_plateau(train))
+        monitor=train["monitor"], plateau=cuts_on_plateau(train), keep=keep or train["keep"])
     # BackupAndRestore leaves a resumed fit's start epoch on the model, and Keras prefers it to
     # fit's own initial_epoch: clear it, or the next phase would skip as many epochs.
     model._initial_epoch = None
