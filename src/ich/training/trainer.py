@@ -106,8 +106,11 @@ def train_stage(cfg: dict, stage: Stage, spec: InputSpec, run_dir: Path, stamp: 
     final = run_dir / stage.file
     export(model, augmentation, best_path, final, rebuild=lambda: stage.build(cfg, spec, None))
     best = best_score(best_path)
+    epoch = best.get("epoch")
+    kept = ("best" if train["keep"] == "best" else
+            f"last (epoch {epoch + 1})" if epoch is not None else "last")
     summary(f"train {stage.name}", f"{seen} images seen ({len(y_train)} training images), "
-            f"best {cfg['train']['monitor']} {best['value']:.4f} -> {final}", seen, "images", timer)
+            f"{kept} {train['monitor']} {best['value']:.4f} -> {final}", seen, "images", timer)
 
 
 def clear_stage(run_dir: Path, stage: Stage) -> None:
