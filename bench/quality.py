@@ -68,6 +68,11 @@ def row(name: str, metrics: dict, studies: dict | None, minutes: float | None) -
             "study_any": study, "minutes": minutes}
 
 
+def nan_if_none(value: float | None) -> float:
+    """The value, or NaN where there is none (a label without both classes)."""
+    return float("nan") if value is None else value
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="single,context")
@@ -109,8 +114,9 @@ def main(argv=None) -> int:
     for r in rows:
         cells = "".join(f"{'n/a' if r[label] is None else format(r[label], '.4f'):>9}" for label in LABELS)
         minutes = "reused" if r["minutes"] is None else f"{r['minutes']:.1f}"
-        print(f"  {r['name']:<22}{cells}{r['subtypes'] or float('nan'):9.4f}"
-              f"{r['study_any'] or float('nan'):10.4f}{minutes:>10}")
+        # `is None`, not `or`: an AUC of 0.0 (every study ranked backwards) is a result, not n/a.
+        print(f"  {r['name']:<22}{cells}{nan_if_none(r['subtypes']):9.4f}"
+              f"{nan_if_none(r['study_any']):10.4f}{minutes:>10}")
     best = max(rows, key=lambda r: r["any"] or 0)
     checks = [("slice AUC any", best["any"], GOALS["any"], ">="),
               ("mean subtype AUC", best["subtypes"], GOALS["subtypes"], ">="),
