@@ -56,7 +56,8 @@ def test_import_ich_is_light_and_registers_with_keras(tmp_path):
         "print(sorted(k for k in R if k.startswith('ich>')))\n")
     assert ("['ich>FastBatchNormalization', 'ich>FastConv2D', 'ich>FastDepthwiseConv2D', "
             "'ich>MaskedAUC', 'ich>MaskedAttentionPool', 'ich>MaskedMaxPool', 'ich>MaskedSequence', "
-            "'ich>ProbabilityLogits', 'ich>RandomWarp', 'ich>TokenEmbedding', 'ich>WeightedBCE', "
+            "'ich>ProbabilityLogits', 'ich>RandomIntensity', 'ich>RandomWarp', 'ich>TokenEmbedding', "
+            "'ich>WeightedBCE', "
             "'ich>masked_bce']"
             ) in _python(code, tmp_path)
 
