@@ -92,12 +92,13 @@ def adjust_ops(images, delta=None, factor=None, drawn=None, sigma=None):
 
 
 def adjust_torch(images, delta=None, factor=None, drawn=None, sigma=None):
-    """adjust in torch's own operators: keras.ops.clip cost 3x torch.clamp here, and the
-    contrast is one fused multiply-add (addcmul); clamps are in place on tensors this
-    function made (the augmentation sits on the input: nothing needs their gradient)."""
+    """adjust in torch's own operators: torch.clamp_ in place instead of keras.ops.clip (which
+    converts and allocates on every call), and the contrast as one fused multiply-add (addcmul).
+    In-place work only touches tensors this function made (the augmentation sits on the input:
+    nothing needs their gradient)."""
     import torch
 
-    x = ops.convert_to_tensor(images)
+    original = x = ops.convert_to_tensor(images)
     if delta is not None:
         x = (x + ops.convert_to_tensor(delta).to(x.dtype)).clamp_(0.0, 1.0)
     if factor is not None:
@@ -105,7 +106,7 @@ def adjust_torch(images, delta=None, factor=None, drawn=None, sigma=None):
         mean = x.mean(dim=(1, 2), keepdim=True)
         x = torch.addcmul(mean * (1.0 - factor), x, factor).clamp_(0.0, 1.0)
     if drawn is not None:
-        x = blur_drawn_torch(x, drawn, sigma)
+        x = blur_drawn_torch(x, drawn, sigma, in_place=x is not original)
     return x
 
 
@@ -116,15 +117,16 @@ def blur_drawn(images, drawn, sigma):
     return ops.where(ops.reshape(drawn, (-1, 1, 1, 1)), blurred, images)
 
 
-def blur_drawn_torch(images, drawn, sigma):
+def blur_drawn_torch(images, drawn, sigma, in_place: bool = False):
     """blur_drawn on torch, blurring only the drawn images (eager torch has no static shapes
-    to keep, and ~1 - blur_p of the blurring was thrown away)."""
+    to keep, and ~1 - blur_p of the blurring was thrown away). in_place: write them into
+    `images` (a tensor the caller made) instead of into a copy."""
     import torch
 
     index = torch.nonzero(ops.convert_to_tensor(drawn)).flatten()
     if not index.numel():
         return images
-    out = images.clone()
+    out = images if in_place else images.clone()
     out[index] = ops.image.gaussian_blur(images[index], BLUR_KERNEL, sigma,
                                          data_format="channels_last").clamp_(0.0, 1.0)
     return out

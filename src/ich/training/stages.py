@@ -79,19 +79,22 @@ class Stage:
 def phase_epochs(cfg: dict, stage: Stage, phase: str) -> int:
     """Epochs of one phase: train.frozen_epochs, or train.finetune_epochs unless the stage has
     its own `train.<stage>_finetune_epochs`."""
-    train = cfg["train"]
     if phase == "frozen":
-        return int(train["frozen_epochs"])
-    own = train.get(f"{stage.name}_finetune_epochs")
-    return int(own) if own is not None else int(train["finetune_epochs"])
+        return int(cfg["train"]["frozen_epochs"])
+    return stage_own(cfg, stage, "finetune_epochs")
 
 
 def stage_batch_size(cfg: dict, stage: Stage) -> int:
     """Images per training step of a stage: train.batch_size unless the stage has its own
     `train.<stage>_batch_size`."""
+    return stage_own(cfg, stage, "batch_size")
+
+
+def stage_own(cfg: dict, stage: Stage, key: str) -> int:
+    """train.<stage>_<key> where the config sets it (not null), else train.<key>."""
     train = cfg["train"]
-    own = train.get(f"{stage.name}_batch_size")
-    return int(own) if own is not None else int(train["batch_size"])
+    own = train.get(f"{stage.name}_{key}")
+    return int(own) if own is not None else int(train[key])
 
 
 def stage_seed(cfg: dict, stage: Stage) -> int:
