@@ -12,7 +12,10 @@ minutes per variant, against the goals of issue 7 (slice AUC any >= 0.98, mean s
 study AUC any >= 0.99, <= 20 training minutes per variant, on 2 CPU cores). Exit status 0 when
 the best variant meets every goal.
 
-    .venv/bin/python bench/quality.py [--variants single,context] [--keep]
+    .venv/bin/python bench/quality.py [--variants single,context] [--keep] [--set KEY=VALUE ...]
+
+`--set` overrides the recipe for training and evaluation of every variant (one experiment, e.g.
+`--set train.stage2_finetune_epochs=8`) without editing quality.yaml; the data steps keep it.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="single,context")
     parser.add_argument("--keep", action="store_true", help="reuse finished runs (default: train afresh)")
+    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for training and evaluation (repeatable)")
     args = parser.parse_args(argv)
 
     from ich import config as config_mod
@@ -91,7 +96,8 @@ def main(argv=None) -> int:
     rows = []
     for variant in args.variants.split(","):
         run_dir = f"{cfg['paths']['run_dir']}_{variant}"
-        sets = [*VARIANTS[variant], "--set", f"paths.run_dir={run_dir}"]
+        sets = [*VARIANTS[variant], *(a for kv in args.sets for a in ("--set", kv)),
+                "--set", f"paths.run_dir={run_dir}"]
         if (REPO / run_dir).exists() and not args.keep:
             shutil.rmtree(REPO / run_dir)
         reused = (REPO / run_dir / "cascade.json").is_file()   # --keep: `ich train` may skip
@@ -107,6 +113,8 @@ def main(argv=None) -> int:
             rows.append(row("single slice", metrics, metrics.get("studies"), minutes))
 
     print(f"\nbench/quality.py  {machine()}  backend {os.environ.get('KERAS_BACKEND', 'torch')}")
+    if args.sets:
+        print(f"  overrides: {' '.join(args.sets)}")
     for step, s in seconds.items():
         print(f"  {step:<22}{s:8.1f} s")
     head = "".join(f"{label[:8]:>9}" for label in LABELS)

@@ -207,3 +207,25 @@ def test_stage_models_take_the_channels_of_the_input_description():
         assert tuple(model.input_shape) == (None, 32, 32, 9)
         out = model.predict(np.zeros((1, 32, 32, 9), np.float32), verbose=0)
         assert out.shape == (1, len(stage.labels))
+
+
+def test_small_convnexts_are_narrower_tinies_without_imagenet_weights(tmp_path):
+    """ConvNeXtPico / ConvNeXtNano: Tiny's blocks with fewer and narrower stages (timm's
+    depths and widths), stride 32, random init or a weights file, never ImageNet."""
+    tiny = build_backbone("ConvNeXtTiny", (SIZE, SIZE, 3), None)
+    for name, width, blocks in (("ConvNeXtPico", 512, 12), ("ConvNeXtNano", 640, 14)):
+        model = build_backbone(name, (SIZE, SIZE, 3), None)
+        assert model.output.shape[1:] == (SIZE // 32, SIZE // 32, width)
+        assert sum(1 for layer in model.layers[-1].layers
+                   if layer.name.endswith("_depthwise_conv")) == blocks
+        assert model.count_params() < 0.6 * tiny.count_params()  # 8.5M, 15.0M vs 27.8M
+        source = BACKBONES[name](include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+        for w in source.weights:
+            w.assign(np.full(w.shape, 0.25, dtype="float32"))
+        source.save_weights(tmp_path / f"{name}.weights.h5")
+        loaded = build_backbone(name, (SIZE, SIZE, 3), str(tmp_path)).layers[-1]
+        assert all(np.allclose(keras.ops.convert_to_numpy(w), 0.25) for w in loaded.weights)
+        with pytest.raises(ValueError, match=f"{name} has no ImageNet weights"):
+            build_backbone(name, (SIZE, SIZE, 3), "imagenet")
+    stage2 = build_stage2(["EfficientNetV2B0", "ConvNeXtNano"], SIZE, None, fusion_dim=32, attention_heads=4)
+    assert stage2.predict(images(2), verbose=0).shape == (2, len(SUBTYPES))

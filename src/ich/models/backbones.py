@@ -29,6 +29,24 @@ import numpy as np
 
 from ich.models.layers import with_fast_layers
 
+def _small_convnext(name: str, depths: tuple, dims: tuple):
+    """A keras.applications-style constructor for a ConvNeXt smaller than Tiny: the same blocks
+    (keras.src.applications.convnext.ConvNeXt) with fewer and narrower stages. Keras ships no
+    ImageNet weights for these, so `weights="imagenet"` raises; random init and .weights.h5
+    files saved from the same constructor load as for the other backbones."""
+    def constructor(include_top=True, include_preprocessing=True, weights=None, input_shape=None):
+        if weights == "imagenet":
+            raise ValueError(f"backbone {name} has no ImageNet weights in Keras; set model.weights "
+                             f"to null (random init) or to a {WEIGHTS_SUFFIX} file saved from it, "
+                             "or use ConvNeXtTiny (or larger) for ImageNet weights")
+        from keras.src.applications.convnext import ConvNeXt
+
+        return ConvNeXt(depths=list(depths), projection_dims=list(dims), name=name.lower(),
+                        include_top=include_top, include_preprocessing=include_preprocessing,
+                        weights=weights, input_shape=input_shape)
+    return constructor
+
+
 BACKBONES = {
     "EfficientNetV2B0": keras.applications.EfficientNetV2B0,
     "EfficientNetV2B1": keras.applications.EfficientNetV2B1,
@@ -41,6 +59,10 @@ BACKBONES = {
     "ConvNeXtSmall": keras.applications.ConvNeXtSmall,
     "ConvNeXtBase": keras.applications.ConvNeXtBase,
     "ConvNeXtLarge": keras.applications.ConvNeXtLarge,
+    # Smaller than Tiny, with the stage depths and widths of timm's convnext_pico and _nano
+    # (random init only): for a CPU budget, where ConvNeXtTiny does most of stage 2's work.
+    "ConvNeXtPico": _small_convnext("ConvNeXtPico", (2, 2, 6, 2), (64, 128, 256, 512)),
+    "ConvNeXtNano": _small_convnext("ConvNeXtNano", (2, 2, 8, 2), (80, 160, 320, 640)),
 }
 # ImageNet statistics of [0, 1] RGB, which both families normalise with.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
