@@ -17,7 +17,8 @@ and LayerNorm per backbone, learned token embedding, one post-norm transformer b
 same width, heads and MLP, mean pool, dropout, 5 logits), Adam at the same learning rate.
 Inference (forward only): ich's predict path (`predict_on_batch` on the augmentation-free
 stage model, as ich.evaluation.inference does), the same without its BatchNorm folding
-(ich.models.graph, `fold_batchnorm=False`: what folding gains), timm in eval mode under
+(ich.models.graph, `fold_batchnorm=False`: what folding gains) and without its in-place
+activations (`inplace=False`: what those gain), timm in eval mode under
 inference_mode, and onnxruntime on the stage exported by ich.backend.export_onnx (the graph
 `ich export` writes).
 
@@ -271,6 +272,7 @@ def main(argv=None) -> int:
     parser.add_argument("--stages", nargs="+", default=["stage1", "stage2"], choices=list(OUTPUTS))
     parser.add_argument("--no-onnx", action="store_true", help="skip the onnxruntime column")
     parser.add_argument("--no-inference", action="store_true", help="training only")
+    parser.add_argument("--no-training", action="store_true", help="inference only")
     add_torch_arguments(parser)
     args = parser.parse_args(argv)
     if not start_torch(args, "the comparison is Keras-on-torch against native torch"):
@@ -300,20 +302,16 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for stage in args.stages:
             x, y = random_batch(args.batch, args.size, OUTPUTS[stage], input_channels(cfg))
-            rates = interleaved({
-                "ich": ich_training(cfg, stage, True, x, y),
-                "ich_no_aug": ich_training(cfg, stage, False, x, y),
-                "timm": timm_training(stage, cfg, x, y),
-            }, args.batch, args.rounds, args.steps, args.warmup)
-            train_rows.append((stage, rates))
-            print(f"  {stage} training done: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()),
-                  flush=True)
+            if not args.no_training:
+                train_rows.append((stage, training_rates(cfg, stage, x, y, args)))
             if args.no_inference:
                 continue
             model = ich_inference_model(cfg, stage)
             unfolded = with_fast_graph(ich_inference_model(cfg, stage), fold_batchnorm=False)
+            out_of_place = with_fast_graph(ich_inference_model(cfg, stage), inplace=False)
             contenders = {"ich": lambda m=model: np.asarray(m.predict_on_batch(x)),
                           "ich_unfolded": lambda m=unfolded: np.asarray(m.predict_on_batch(x)),
+                          "ich_out_of_place": lambda m=out_of_place: np.asarray(m.predict_on_batch(x)),
                           "timm": timm_inference(stage, cfg, x)}
             if not args.no_onnx:
                 contenders["onnx"] = onnx_inference(model, x, Path(tmp))
@@ -321,24 +319,43 @@ def main(argv=None) -> int:
             infer_rows.append((stage, rates))
             print(f"  {stage} inference done: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()),
                   flush=True)
+    print_tables(train_rows, infer_rows)
+    print(f"\nload average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
+    return 0
 
-    print("\ntraining, images/s (ich with online augmentation; augmentation cost = 1 - ich / ich without it)")
-    print(f"{'stage':<8}{'ich':>9}{'ich no aug':>12}{'timm':>9}{'ich/timm':>10}{'no-aug/timm':>13}{'aug cost':>10}")
+
+def training_rates(cfg: dict, stage: str, x, y, args) -> dict:
+    """Images/s of ich's training step with and without online augmentation, and of timm's."""
+    rates = interleaved({
+        "ich": ich_training(cfg, stage, True, x, y),
+        "ich_no_aug": ich_training(cfg, stage, False, x, y),
+        "timm": timm_training(stage, cfg, x, y),
+    }, args.batch, args.rounds, args.steps, args.warmup)
+    print(f"  {stage} training done: " + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()),
+          flush=True)
+    return rates
+
+
+def print_tables(train_rows: list, infer_rows: list) -> None:
+    """The training and inference tables: images/s and the ratios to timm."""
+    if train_rows:
+        print("\ntraining, images/s (ich with online augmentation; augmentation cost = 1 - ich / ich without it)")
+        print(f"{'stage':<8}{'ich':>9}{'ich no aug':>12}{'timm':>9}{'ich/timm':>10}"
+              f"{'no-aug/timm':>13}{'aug cost':>10}")
     for stage, r in train_rows:
         print(f"{stage:<8}{r['ich']:>9.1f}{r['ich_no_aug']:>12.1f}{r['timm']:>9.1f}"
               f"{r['ich'] / r['timm']:>10.2f}{r['ich_no_aug'] / r['timm']:>13.2f}"
               f"{1 - r['ich'] / r['ich_no_aug']:>10.0%}")
     if infer_rows:
         print("\ninference (forward only), images/s")
-        print(f"{'stage':<8}{'ich':>9}{'unfolded':>10}{'timm':>9}{'onnxrt':>9}{'ich/timm':>10}"
-              f"{'unfolded/timm':>15}{'onnxrt/timm':>13}")
+        print(f"{'stage':<8}{'ich':>9}{'unfolded':>10}{'out of pl':>10}{'timm':>9}{'onnxrt':>9}"
+              f"{'ich/timm':>10}{'unfolded/timm':>15}{'out-of-pl/timm':>16}{'onnxrt/timm':>13}")
         for stage, r in infer_rows:
             onnx = r.get("onnx", float("nan"))
-            print(f"{stage:<8}{r['ich']:>9.1f}{r['ich_unfolded']:>10.1f}{r['timm']:>9.1f}{onnx:>9.1f}"
-                  f"{r['ich'] / r['timm']:>10.2f}{r['ich_unfolded'] / r['timm']:>15.2f}"
+            print(f"{stage:<8}{r['ich']:>9.1f}{r['ich_unfolded']:>10.1f}{r['ich_out_of_place']:>10.1f}"
+                  f"{r['timm']:>9.1f}{onnx:>9.1f}{r['ich'] / r['timm']:>10.2f}"
+                  f"{r['ich_unfolded'] / r['timm']:>15.2f}{r['ich_out_of_place'] / r['timm']:>16.2f}"
                   f"{onnx / r['timm']:>13.2f}")
-    print(f"\nload average at the end: {', '.join(f'{v:.2f}' for v in os.getloadavg())}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -150,3 +150,41 @@ def test_fold_batchnorm_false_predicts_exactly_as_keras():
         want = numpy(type(model).call(model, keras.ops.convert_to_tensor(x), training=False))
     np.testing.assert_array_equal(got, want)
     assert not any("_ich_folded" in vars(layer) for layer in model.layers)
+
+
+def inplace_network() -> keras.Model:
+    """Activations that may overwrite their input (after conv + BN, after a dense layer) and
+    ones that must not: on the model's input, on a tensor a second layer reads, GELU (no
+    in-place kernel)."""
+    keras.utils.set_random_seed(7)
+    inputs = keras.Input((6, 6, 3))
+    on_input = keras.layers.Activation("relu", name="on_input")(inputs)
+    x = keras.layers.Conv2D(4, 3, padding="same")(on_input)
+    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.Activation("swish", name="after_bn")(x)
+    shared = keras.layers.Conv2D(4, 1)(x)
+    read_twice = keras.layers.Activation("relu", name="read_twice")(shared)
+    x = keras.layers.Add()([read_twice, shared])
+    x = keras.layers.Dense(5)(keras.layers.GlobalAveragePooling2D()(x))
+    x = keras.layers.Activation("relu", name="after_dense")(x)
+    return keras.Model(inputs, keras.layers.Activation("gelu", name="gelu")(x))
+
+
+def test_prediction_runs_activations_in_place_only_where_nothing_else_reads_the_input():
+    import torch
+
+    from ich.models.layers import with_fast_layers
+
+    model = graph.with_fast_graph(with_fast_layers(inplace_network()))
+    marked = {step.layer.name for step in graph._plan(model).steps if step.inplace is not None}
+    assert marked == {"after_bn", "after_dense"}
+    x = torch.tensor(np.random.default_rng(8).normal(size=(3, 6, 6, 3)).astype("float32"))
+    before = x.clone()
+    with torch.no_grad():
+        got = numpy(model(x, training=False))
+        want = numpy(type(model).call(model, x, training=False))
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    torch.testing.assert_close(x, before, rtol=0, atol=0)  # the caller's input is never written
+    # With autograd on nothing runs in place (backward needs the inputs): Keras' values exactly.
+    np.testing.assert_array_equal(numpy(model(x, training=False)),
+                                  numpy(type(model).call(model, x, training=False)))

@@ -1,4 +1,4 @@
-"""ich.models.layers' fast Conv2D / DepthwiseConv2D / BatchNormalization against Keras' own.
+"""ich.models.layers' fast Conv2D / DepthwiseConv2D / BatchNormalization / Dense against Keras' own.
 
 The reference is the unoptimised path: the same network built from the plain Keras layers,
 with the same weights and input. Torch (this process): forward in inference and in training
@@ -34,7 +34,7 @@ print(keras.backend.backend(), sorted({type(l).__name__ for l in model.layers}))
 def small_network() -> keras.Model:
     """Every case of the fast paths: strided 'same' (asymmetric padding), 'valid', dilation,
     grouped-by-depth convolution with multiplier and bias, BatchNorm with and without
-    centre/scale, an activation inside a conv."""
+    centre/scale, an activation inside a conv, a dense layer over every pixel (ConvNeXt's)."""
     inputs = keras.Input((9, 10, 3))
     x = keras.layers.Conv2D(8, 3, strides=2, padding="same", use_bias=False)(inputs)
     x = keras.layers.BatchNormalization(momentum=0.9)(x)
@@ -43,7 +43,8 @@ def small_network() -> keras.Model:
     x = keras.layers.Conv2D(6, 3, padding="valid", dilation_rate=1, activation="swish")(x)
     x = keras.layers.Conv2D(4, 2, padding="same", dilation_rate=2)(x)
     x = keras.layers.BatchNormalization()(x)
-    return keras.Model(inputs, x)
+    x = keras.layers.Dense(5, activation="gelu")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, use_bias=False)(x))
 
 
 def randomised(model: keras.Model, seed: int = 0, statistics_only: bool = False) -> keras.Model:
@@ -84,6 +85,7 @@ def test_the_fast_twins_replace_the_keras_layers_and_keep_the_weights():
     kinds = [type(layer) for layer in fast.layers]
     assert fast_layers.FastConv2D in kinds and fast_layers.FastBatchNormalization in kinds
     assert fast_layers.FastDepthwiseConv2D in kinds and keras.layers.Conv2D not in kinds
+    assert fast_layers.FastDense in kinds and keras.layers.Dense not in kinds
     for a, b in zip(reference.weights, fast.weights):
         assert a.path == b.path
         np.testing.assert_array_equal(numpy(a), numpy(b))
@@ -92,8 +94,11 @@ def test_the_fast_twins_replace_the_keras_layers_and_keep_the_weights():
 def test_small_network_forward_moving_statistics_and_gradients_match():
     import torch
 
+    # Two builds with the same weights (with_fast_layers switches a model in place).
     reference = randomised(small_network())
-    fast = fast_layers.with_fast_layers(reference)
+    fast = fast_layers.with_fast_layers(randomised(small_network()))
+    assert fast_layers.FastDense in {type(layer) for layer in fast.layers}
+    assert not any(type(layer).__name__.startswith("Fast") for layer in reference.layers)
     x = np.random.default_rng(1).random((5, 9, 10, 3), dtype=np.float32)
     np.testing.assert_allclose(numpy(fast(x, training=False)), numpy(reference(x, training=False)),
                                atol=ATOL)

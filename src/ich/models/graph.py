@@ -11,7 +11,10 @@ online augmentation, attention, ich's own layers) still goes through `__call__`.
 tensors, bit for bit, when training (tests/test_fast_graph.py compares forward, gradients and
 BatchNorm statistics with Keras' own call). When predicting (training=False, autograd off, not
 traced), each convolution read only by a BatchNorm runs with that BatchNorm folded into its
-kernel and bias (ich.models.layers.folded_conv_bn): the same function within float rounding.
+kernel and bias (ich.models.layers.folded_conv_bn): the same function within float rounding;
+and each SiLU or ReLU activation whose input only it reads, fresh from a convolution, BatchNorm,
+or dense layer, overwrites that input (torch's in-place kernels, as timm's blocks run
+theirs): the same values, one allocation and one full write of the feature map less.
 
 Why (bench/train_speed.py, 128 px, batch 16, one thread): on torch eager, Keras' per-layer
 `__call__` (input conversion, call-spec binding, training-argument resolution, mask
@@ -46,17 +49,28 @@ DIRECT_LAYERS = (
     keras.layers.Activation, keras.layers.Add, keras.layers.Multiply, keras.layers.Dropout,
     keras.layers.Reshape, keras.layers.GlobalAveragePooling2D, keras.layers.Dense,
     keras.layers.Rescaling, keras.layers.LayerNormalization, keras.layers.GlobalAveragePooling1D,
-    fast_layers.FastConv2D, fast_layers.FastDepthwiseConv2D, fast_layers.FastBatchNormalization)
+    fast_layers.FastConv2D, fast_layers.FastDepthwiseConv2D, fast_layers.FastBatchNormalization,
+    fast_layers.FastDense)
 
 
-def with_fast_graph(model: keras.Model, fold_batchnorm: bool = True) -> keras.Model:
+@dataclass(frozen=True)
+class Rewrites:
+    """What a prediction forward may do beyond Keras' own layers (the module docstring)."""
+
+    fold: bool = True     # run each convolution + BatchNorm pair as one convolution
+    inplace: bool = True  # let an activation overwrite the input only it reads
+
+
+def with_fast_graph(model: keras.Model, fold_batchnorm: bool = True, inplace: bool = True) -> keras.Model:
     """`model` itself, whose forward pass on torch now calls its plain layers directly (see the
     module docstring); unchanged on other backends and for non-functional models.
-    fold_batchnorm=False keeps every BatchNorm separate when predicting too (bench/train_speed.py
-    measures what folding gains)."""
+    fold_batchnorm=False keeps every BatchNorm separate when predicting too, inplace=False every
+    activation out of place (bench/train_speed.py measures what each gains)."""
     if keras.backend.backend() == "torch" and _is_functional(model) and _float32(model):
+        rewrites = Rewrites(fold_batchnorm, inplace)
+
         def call(self, inputs, training=None, mask=None, **kwargs):
-            return _fast_call(self, inputs, training, mask, fold_batchnorm, **kwargs)
+            return _fast_call(self, inputs, training, mask, rewrites, **kwargs)
 
         model.call = types.MethodType(call, model)
     return model
@@ -68,11 +82,11 @@ def _is_functional(model) -> bool:
     return isinstance(model, Functional) and hasattr(model, "_run_through_graph")
 
 
-def _fast_call(self, inputs, training, mask, fold: bool, **kwargs):
+def _fast_call(self, inputs, training, mask, rewrites: Rewrites, **kwargs):
     """Functional.call through run_graph where it applies, Keras' own otherwise."""
     if mask is not None or kwargs:
         return type(self).call(self, inputs, training=training, mask=mask, **kwargs)
-    return run_graph(self, inputs, bool(training), fold)
+    return run_graph(self, inputs, bool(training), rewrites)
 
 
 def _float32(model) -> bool:
@@ -81,22 +95,27 @@ def _float32(model) -> bool:
                for layer in model._flatten_layers())
 
 
-def run_graph(model, inputs, training: bool, fold: bool = True):
-    """The outputs of functional `model` on `inputs`: each node of its plan run in order (with
-    its convolution + BatchNorm pairs folded when predicting, unless fold is False)."""
+def run_graph(model, inputs, training: bool, rewrites: Rewrites = Rewrites()):
+    """The outputs of functional `model` on `inputs`: each node of its plan run in order (when
+    predicting, with its convolution + BatchNorm pairs folded and its activations in place where
+    `rewrites` allow)."""
     from keras.src import tree
 
     plan = _plan(model)
     values = dict(zip(plan.input_ids, tree.flatten(model._standardize_inputs(inputs))))
-    predicting = fold and plan.folds and _predicting(training)
+    predicting = _predicting(training)
+    folding = rewrites.fold and plan.folds and predicting
+    inplacing = rewrites.inplace and predicting
     for step in plan.steps:
         args, kwargs = step.fill(values)
-        if predicting and step.fold is not None and fast_layers._torch_fast(args[0]):
+        if inplacing and step.inplace is not None and fast_layers._torch_fast(args[0]):
+            outputs = step.inplace(args[0])
+        elif folding and step.fold is not None and fast_layers._torch_fast(args[0]):
             outputs = fast_layers.folded_conv_bn(step.layer, step.fold, args[0])
-        elif predicting and step.folded_away and fast_layers._torch_fast(args[0]):
+        elif folding and step.folded_away and fast_layers._torch_fast(args[0]):
             outputs = args[0]  # this BatchNorm is inside the convolution before it
         else:
-            outputs = step.run(args, kwargs, training, fold)
+            outputs = step.run(args, kwargs, training, rewrites)
         if len(step.output_ids) == 1 and not isinstance(outputs, (list, tuple, dict)):
             values[step.output_ids[0]] = outputs
         else:
@@ -122,12 +141,13 @@ class _Step:
     """One node of a functional model: how its arguments are filled in and its layer run."""
 
     fill: Callable      # values (id of a graph tensor -> tensor) -> (args, kwargs)
-    run: Callable       # (args, kwargs, training, fold) -> outputs
+    run: Callable       # (args, kwargs, training, rewrites) -> outputs
     output_ids: list
     layer: object = None
     input_ids: tuple = ()
     fold: object = None          # the BatchNorm folded into this convolution when predicting
     folded_away: bool = False    # this BatchNorm is folded into the convolution before it
+    inplace: Callable = None     # this activation's in-place kernel, when it may overwrite its input
 
 
 @dataclass
@@ -164,6 +184,7 @@ def _plan(model) -> _Plan:
                                    tuple(id(x) for x in node.input_tensors)))
         plan = _Plan([id(x) for x in model.inputs], steps, [id(x) for x in model.outputs])
         plan.folds = _pair_folds(plan)
+        _mark_inplace(plan)
         _PLANS[model] = plan
     return _PLANS[model]
 
@@ -184,6 +205,44 @@ def _pair_folds(plan: _Plan) -> int:
             conv.fold, step.folded_away = step.layer, True
             pairs += 1
     return pairs
+
+
+# Layers whose output, when predicting, is a tensor they allocated (never a view of their input
+# or a weight): an activation that alone reads it may overwrite it. A BatchNorm folded away
+# passes on its convolution's output, which only that BatchNorm reads (_pair_folds).
+FRESH_OUTPUT_LAYERS = (
+    keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.BatchNormalization,
+    keras.layers.Dense)
+
+
+def _inplace_kernels() -> dict:
+    """Keras activation function -> the torch kernel that computes it in place."""
+    import torch
+
+    return {keras.activations.silu: lambda x: torch.nn.functional.silu(x, inplace=True),
+            keras.activations.relu: torch.relu_}
+
+
+def _mark_inplace(plan: _Plan) -> None:
+    """Give each Activation step whose input only it reads (not a model output), made by a
+    FRESH_OUTPUT_LAYERS step of this plan, its in-place kernel. An input coming from outside
+    the plan (the model's input, a nested model's output) is never overwritten."""
+    from collections import Counter
+
+    if keras.backend.backend() != "torch":
+        return
+    kernels = _inplace_kernels()
+    readers = Counter(i for step in plan.steps for i in step.input_ids)
+    readers.update(plan.output_ids)
+    producer = {step.output_ids[0]: step for step in plan.steps if len(step.output_ids) == 1}
+    for step in plan.steps:
+        if type(step.layer) is not keras.layers.Activation or len(step.input_ids) != 1:
+            continue
+        source = producer.get(step.input_ids[0])
+        if (source is not None and readers[step.input_ids[0]] == 1
+                and isinstance(source.layer, FRESH_OUTPUT_LAYERS)
+                and step.layer.activation in kernels):
+            step.inplace = kernels[step.layer.activation]
 
 
 def _holds_tensors(kwargs: dict) -> bool:
@@ -218,17 +277,17 @@ def _filler(arguments, tensor_kwargs: bool) -> Callable:
 
 
 def _runner(layer, tensor_kwargs: bool) -> Callable:
-    """(args, kwargs, training, fold) -> outputs for one node's layer: nested functional models by
+    """(args, kwargs, training, rewrites) -> outputs for one node's layer: nested functional models by
     run_graph, DIRECT_LAYERS by their call (with `training` where the call takes it), anything
     else by __call__ with `training`, as Keras' Functional.call propagates it (to every layer:
     its __call__ hands it on to the layers inside)."""
     if _is_functional(layer) and not tensor_kwargs:
-        return lambda args, kwargs, training, fold: run_graph(layer, args[0], training, fold)
+        return lambda args, kwargs, training, rewrites: run_graph(layer, args[0], training, rewrites)
     if type(layer) in DIRECT_LAYERS and layer.activity_regularizer is None:
         if layer._call_has_training_arg:
-            return lambda args, kwargs, training, fold: layer.call(*args, **kwargs, training=training)
-        return lambda args, kwargs, training, fold: layer.call(*args, **kwargs)
+            return lambda args, kwargs, training, rewrites: layer.call(*args, **kwargs, training=training)
+        return lambda args, kwargs, training, rewrites: layer.call(*args, **kwargs)
     # getattr: a node can also be a keras.ops operation (`x + y` in a functional model), no layer
     if "training" in getattr(layer, "_call_context_args", ()):
-        return lambda args, kwargs, training, fold: layer(*args, **kwargs, training=training)
-    return lambda args, kwargs, training, fold: layer(*args, **kwargs)
+        return lambda args, kwargs, training, rewrites: layer(*args, **kwargs, training=training)
+    return lambda args, kwargs, training, rewrites: layer(*args, **kwargs)

@@ -1,8 +1,8 @@
 """Custom Keras layers of the cascade, registered so `keras.saving.load_model` finds them.
 
 In/out: tensors. `TokenEmbedding` adds one learned vector per token to a (N, T, D) sequence.
-`FastConv2D`, `FastDepthwiseConv2D` and `FastBatchNormalization` are the Keras layers with a
-faster call on the torch backend (same weights and results within float tolerance);
+`FastConv2D`, `FastDepthwiseConv2D`, `FastBatchNormalization` and `FastDense` are the Keras
+layers with a faster call on the torch backend (same weights and results within float tolerance);
 `with_fast_layers` swaps them into a built backbone.
 """
 
@@ -241,6 +241,30 @@ class FastBatchNormalization(keras.layers.BatchNormalization):
             variable.value.lerp_(batch_value, 1.0 - self.momentum)
 
 
+@keras.saving.register_keras_serializable(package="ich")
+class FastDense(keras.layers.Dense):
+    """keras.layers.Dense with its bias inside the matrix product on torch.
+
+    Keras computes matmul, then adds the bias as a second full pass over the output; torch's
+    linear (addmm) adds it inside the product, as timm's nn.Linear does. ConvNeXt runs two
+    dense layers per block over every pixel, so that add is one more pass over its largest
+    tensors in every block. Same values within float rounding.
+    """
+
+    def call(self, inputs, training=None):
+        """inputs @ kernel + bias, then the activation; Keras' own code off the torch fast path
+        (and for LoRA or quantized layers, whose kernel Keras composes)."""
+        if self.lora_enabled or self.quantization_mode is not None or not _torch_fast(inputs):
+            return super().call(inputs, training=training)
+        import torch
+
+        bias = _torch_value(self.bias) if self.bias is not None else None
+        outputs = torch.nn.functional.linear(inputs, _torch_value(self._kernel).t(), bias)
+        if self.activation is not None:
+            return self.activation(outputs)
+        return outputs
+
+
 def can_fold(conv, bn) -> bool:
     """True when BatchNorm `bn`, applied to the output of convolution `conv` alone, can be
     folded into it for prediction: ich's fast twins, channels last, no activation between."""
@@ -281,7 +305,7 @@ def folded_conv_bn(conv, bn, inputs):
 
 # Keras layer class -> its fast twin, swapped in by `with_fast_layers`.
 FAST_LAYERS = {keras.layers.Conv2D: FastConv2D, keras.layers.DepthwiseConv2D: FastDepthwiseConv2D,
-               keras.layers.BatchNormalization: FastBatchNormalization}
+               keras.layers.BatchNormalization: FastBatchNormalization, keras.layers.Dense: FastDense}
 
 
 def with_fast_layers(model: keras.Model) -> keras.Model:
