@@ -3,11 +3,15 @@
     .venv/bin/python bench/profile_train.py                      # stage 1, 128 px, batch 16
     .venv/bin/python bench/profile_train.py --stage stage2 --steps 2
     .venv/bin/python bench/profile_train.py --set online_augment.enabled=false
+    .venv/bin/python bench/profile_train.py --predict --stage stage2   # forward only
+    .venv/bin/python bench/profile_train.py --shapes-of aten::mul --shapes-of aten::silu
 
 Both steps are bench/train_speed.py's (ich's built as `ich train` builds it, timm's native
 model with the same batch, size, optimizer and loss). Each is warmed up, timed unprofiled
 (the wall time per step the figures below are shares of), then run --steps times under
-torch.profiler with record_shapes. Printed for each side:
+torch.profiler with record_shapes. With --predict both sides run their prediction forward
+instead (bench/train_speed.py's: ich's `predict_on_batch` on the augmentation-free stage, timm
+in eval mode under inference_mode). Printed for each side:
 
 - the top aten operators by self CPU time (time inside the operator itself, not its children);
 - a summary by kind: convolutions (forward and backward), batch normalisation (timm: the fused
@@ -102,8 +106,10 @@ def profile(step, steps: int):
     return prof.key_averages(), prof.key_averages(group_by_input_shape=True)
 
 
-def report(title: str, events, by_shape, steps: int, wall: float, top: int) -> None:
-    """Print the top operators, the summary by kind and, for Keras, the per-layer table."""
+def report(title: str, events, by_shape, steps: int, wall: float, top: int,
+           shapes_of: tuple = ()) -> None:
+    """Print the top operators, the summary by kind, for Keras the per-layer table, and the
+    time by input shapes of each operator named in `shapes_of`."""
     aten = [e for e in events if e.key.startswith("aten::")]
     total_self = sum(e.self_cpu_time_total for e in events) / steps / 1e6   # s per step
     aten_self = sum(e.self_cpu_time_total for e in aten) / steps / 1e6
@@ -139,6 +145,12 @@ def report(title: str, events, by_shape, steps: int, wall: float, top: int) -> N
     for e in sorted(copies, key=lambda e: -e.self_cpu_time_total)[:5]:
         print(f"  {e.key:<16}{e.self_cpu_time_total / steps / 1e3:>8.1f} ms/step  "
               f"{e.count // steps:>4} calls  {str(e.input_shapes)[:80]}")
+    for name in shapes_of:
+        rows = [e for e in by_shape if e.key == name]
+        print(f"{name} by input shapes ({len(rows)} distinct):")
+        for e in sorted(rows, key=lambda e: -e.self_cpu_time_total)[:top]:
+            print(f"  {e.self_cpu_time_total / steps / 1e3:>8.1f} ms/step  "
+                  f"{e.count // steps:>4} calls  {str(e.input_shapes)[:90]}")
 
 
 def main(argv=None) -> int:
@@ -150,6 +162,9 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=3, help="profiled steps per side")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--top", type=int, default=15, help="rows of the operator tables")
+    parser.add_argument("--predict", action="store_true", help="profile the prediction forward")
+    parser.add_argument("--shapes-of", action="append", default=[], metavar="OP",
+                        help="also print OP's (aten::mul, say) time by input shapes; repeatable")
     import train_speed
 
     train_speed.add_torch_arguments(parser)
@@ -163,8 +178,15 @@ def main(argv=None) -> int:
           f"({torch.get_num_threads()} threads), keras {keras.__version__}", flush=True)
     x, y = train_speed.random_batch(args.batch, args.size, train_speed.OUTPUTS[args.stage],
                                     train_speed.input_channels(cfg))
-    sides = {"ich": train_speed.ich_training(cfg, args.stage, bool(cfg["online_augment"]["enabled"]), x, y),
-             "timm": train_speed.timm_training(args.stage, cfg, x, y)}
+    if args.predict:
+        model = train_speed.ich_inference_model(cfg, args.stage)
+        sides = {"ich": lambda: model.predict_on_batch(x),
+                 "timm": train_speed.timm_inference(args.stage, cfg, x)}
+    else:
+        sides = {"ich": train_speed.ich_training(cfg, args.stage,
+                                                 bool(cfg["online_augment"]["enabled"]), x, y),
+                 "timm": train_speed.timm_training(args.stage, cfg, x, y)}
+    what = "prediction forward" if args.predict else "train step"
     for name, step in sides.items():
         for _ in range(args.warmup):
             step()
@@ -172,7 +194,8 @@ def main(argv=None) -> int:
         restore = annotate_keras_layers() if name == "ich" else (lambda: None)
         events, by_shape = profile(step, args.steps)
         restore()
-        report(f"{name} {args.stage} train step", events, by_shape, args.steps, wall, args.top)
+        report(f"{name} {args.stage} {what}", events, by_shape, args.steps, wall, args.top,
+               tuple(args.shapes_of))
     return 0
 
 
