@@ -11,7 +11,8 @@ train.finetune_lr, train.jit_compile resolved as `ich train` does, random init w
 network trainable (model.weights null: ich's finetune phase). It is timed once with online
 augmentation on (what training costs) and once with it off (the difference is the
 augmentation's cost). The reference is timm 1.0.31 in plain PyTorch: stage 1 =
-tf_efficientnetv2_b0 (1 logit, BCEWithLogits), stage 2 = one nn.Module with
+tf_efficientnetv2_b0 (1 logit, BCEWithLogits; with Keras' stochastic depth, which
+keras.applications' EfficientNetV2 trains with and timm's default leaves off), stage 2 = one nn.Module with
 tf_efficientnetv2_b0 and convnext_tiny on the same input and the head ich has (1x1 projection
 and LayerNorm per backbone, learned token embedding, one post-norm transformer block of the
 same width, heads and MLP, mean pool, dropout, 5 logits), Adam at the same learning rate.
@@ -26,7 +27,9 @@ Every contender trains on the same random float32 batch, already in host memory,
 process; rounds are interleaved (each round runs every contender once, in turn), so a load
 change on the shared machine hits all of them alike; the median over rounds is printed. The
 first steps of each contender (allocation, compilation) are not timed. The CPU model and core
-count are printed first so that figures from different machines can be told apart.
+count are printed first so that figures from different machines can be told apart. The
+process keeps freed memory for reuse as `ich train` does (ich.allocator; --malloc-defaults
+leaves glibc's thresholds alone, for what that gains).
 
 timm is benchmark-only and loads without torchvision's compiled ops: see bench/timm_loader.py
 for the one-line install (into .bench-deps/, never into the project's environment).
@@ -78,14 +81,17 @@ def ich_config(size: int, batch: int, overrides: list[str]) -> dict:
 
 def ich_training(cfg: dict, stage: str, augment: bool, x, y):
     """A zero-argument training step of ich's `stage`, compiled as `ich train` compiles it
-    (ich.training.trainer.train_stage: the stage's builder, seed, loss, metric, jit)."""
-    import keras
+    (ich.training.trainer.train_stage: the stage's builder, seed, loss, optimizer, metric,
+    jit), run as model.fit runs each batch."""
 
     from ich import backend
     from ich.data.inputs import InputSpec
     from ich.models.cascade import set_backbone_trainable
     from ich.models.online_augment import online_augmentation
+    from ich.training.optimizer import adam
     from ich.training.stages import get_stage, phase_lr, stage_seed
+    from keras import ops as backend_ops
+    from keras.src.trainers.data_adapters import data_adapter_utils
 
     cfg = copy.deepcopy(cfg)
     cfg["online_augment"]["enabled"] = augment
@@ -96,13 +102,23 @@ def ich_training(cfg: dict, stage: str, augment: bool, x, y):
     model = description.build(cfg, InputSpec.from_config(cfg), augmentation)
     set_backbone_trainable(model, True, pretrained=False)
     loss, class_weight = description.loss(cfg, y)
-    model.compile(optimizer=keras.optimizers.Adam(phase_lr(cfg, "finetune")), loss=loss,
+    model.compile(optimizer=adam(phase_lr(cfg, "finetune")), loss=loss,
                   metrics=[description.metric()],
                   jit_compile=backend.resolve_jit(cfg["train"]["jit_compile"]))
+    # One train_on_batch builds the model, its optimizer and metrics and makes the train
+    # function; each step then runs what model.fit runs per batch: the train function on one
+    # batch of tensors, as fit's data loader hands them over (train_on_batch would also
+    # rebuild its variable tracking and reset the metrics at every call, which fit does not).
+    sample_weight = (data_adapter_utils.class_weight_to_sample_weights(y, class_weight)
+                     if class_weight is not None else None)
+    model.train_on_batch(x, y, sample_weight=sample_weight)
+    batch = [tuple(None if a is None else backend_ops.convert_to_tensor(a)
+                   for a in (x, y, sample_weight))]
 
     def step():
-        return float(model.train_on_batch(x, y, class_weight=class_weight, return_dict=True)["loss"])
+        return float(model.train_function(batch)["loss"])
 
+    step.model = model  # what it trains, for tests
     return step
 
 
@@ -119,6 +135,20 @@ def ich_inference_model(cfg: dict, stage: str):
 
 # --------------------------------------------------------------------------------------- timm
 
+def keras_drop_path(timm_name: str) -> float:
+    """The stochastic-depth rate Keras' application of the same architecture trains with, for
+    timm's drop_path_rate (timm's default is 0): keras.applications' EfficientNetV2 drops whole
+    residual blocks at drop_connect_rate (0.2) scaled by depth, as timm's drop path does;
+    its ConvNeXtTiny at drop_path_rate 0. Read from Keras' own signatures."""
+    import inspect
+
+    from keras.src.applications import convnext, efficientnet_v2
+
+    if timm_name.startswith("tf_efficientnetv2"):
+        return inspect.signature(efficientnet_v2.EfficientNetV2).parameters["drop_connect_rate"].default
+    return inspect.signature(convnext.ConvNeXt).parameters["drop_path_rate"].default
+
+
 def timm_model(stage: str, cfg: dict):
     """timm's native model of `stage` ending in OUTPUTS[stage] logits (see the module docstring)."""
     import torch
@@ -129,7 +159,8 @@ def timm_model(stage: str, cfg: dict):
     channels = input_channels(cfg)
     if stage == "stage1":
         return timm.create_model("tf_efficientnetv2_b0", pretrained=False, num_classes=1,
-                                 drop_rate=float(cfg["model"]["dropout"]), in_chans=channels)
+                                 drop_rate=float(cfg["model"]["dropout"]), in_chans=channels,
+                                 drop_path_rate=keras_drop_path("tf_efficientnetv2_b0"))
     dim, heads = int(cfg["model"]["fusion_dim"]), int(cfg["model"]["attention_heads"])
     size = int(cfg["model"]["image_size"])
 
@@ -140,7 +171,7 @@ def timm_model(stage: str, cfg: dict):
             super().__init__()
             self.backbones = torch.nn.ModuleList(
                 timm.create_model(n, pretrained=False, num_classes=0, global_pool="",
-                                  in_chans=channels)
+                                  in_chans=channels, drop_path_rate=keras_drop_path(n))
                 for n in ("tf_efficientnetv2_b0", "convnext_tiny"))
             self.proj = torch.nn.ModuleList(torch.nn.Conv2d(b.num_features, dim, 1) for b in self.backbones)
             self.norm = torch.nn.ModuleList(torch.nn.LayerNorm(dim, eps=1e-6) for _ in self.backbones)
@@ -241,6 +272,10 @@ def add_torch_arguments(parser) -> None:
                              "every parallel operator, and the side issuing more operators pays more")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                         help="ich config override (e.g. train.jit_compile=true); repeatable")
+    parser.add_argument("--malloc-defaults", action="store_true",
+                        help="leave glibc's malloc thresholds as they are instead of setting them as "
+                             "`ich train` and `ich predict` do (ich.allocator): what that setting gains, "
+                             "in a separate run (it holds for the whole process, both sides)")
 
 
 def start_torch(args, why: str) -> bool:
@@ -251,9 +286,15 @@ def start_torch(args, why: str) -> bool:
 
     from machine import describe  # bench/machine.py, beside this script
 
+    from ich.allocator import retain_freed_memory
+
     print(describe(), flush=True)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # For the whole process, as `ich train` and `ich predict` set it: timm's side runs under it
+    # too (its step took ~300 page faults without it, so it changes little there).
+    retained = not args.malloc_defaults and retain_freed_memory()
+    print(f"host memory: {'freed memory retained (ich.allocator)' if retained else 'glibc malloc defaults'}")
     if keras.backend.backend() != "torch":
         print(f"error: run with KERAS_BACKEND=torch (now {keras.backend.backend()}): {why}",
               file=sys.stderr)

@@ -106,6 +106,36 @@ def test_torch_field_of_the_drawn_images_equals_the_keras_ops_field():
     assert not numpy(warp.drawn_field_torch(keras.ops.convert_to_tensor(coarse), none, 2.5, 24, 20)).any()
 
 
+@pytest.mark.parametrize("flip", ["none", "horizontal", "vertical", "horizontal_and_vertical"])
+def test_torch_warp_grid_equals_the_keras_ops_coordinates(flip):
+    # warp_torch (one affine grid, the elastic field added for the drawn images) against
+    # warp_ops (every coordinate pass in keras.ops) for the same draws: a non-square image,
+    # large angles, zooms and shifts, elastic for some images, each flip mode.
+    rng = np.random.default_rng(8)
+    n, height, width = 6, 13, 17
+    images = rng.random((n, height, width, 3), dtype=np.float32)
+
+    def tensor(a):
+        return keras.ops.convert_to_tensor(np.asarray(a))
+
+    draws = warp.Draws(
+        angle=tensor(rng.uniform(-1.0, 1.0, n).astype("float32")),
+        scale=tensor(rng.uniform(0.7, 1.3, n).astype("float32")),
+        shift_y=tensor(rng.uniform(-3, 3, n).astype("float32")),
+        shift_x=tensor(rng.uniform(-3, 3, n).astype("float32")),
+        coarse=tensor(rng.uniform(-1, 1, (n, warp.ELASTIC_GRID, warp.ELASTIC_GRID, 2)).astype("float32")),
+        drawn=tensor(np.array([True, False, True, False, False, True])),
+        flips=None if flip == "none" else tensor(np.array([True, True, False, True, False, False])))
+    fast = numpy(warp.warp_torch(images, draws, flip, 0.1))
+    plain = numpy(warp.warp_ops(images, draws, flip, 0.1))
+    assert fast.shape == plain.shape == images.shape
+    np.testing.assert_allclose(fast, plain, atol=2e-5)
+    # The draws moved the images, and the elastic field moved the drawn ones further.
+    assert np.abs(plain - images).mean() > 0.05
+    still = draws._replace(coarse=None, drawn=None)
+    assert np.abs(numpy(warp.warp_torch(images, still, flip, 0.1))[0] - fast[0]).max() > 1e-3
+
+
 def keras_intensity(images, delta, factor, drawn, sigma):
     """Keras' own three layers, as the online augmentation ran them before RandomIntensity,
     applied with the given draws."""

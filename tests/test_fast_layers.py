@@ -241,3 +241,30 @@ def test_onnx_export_neither_keeps_nor_uses_cached_kernels(tmp_path, predict_fir
     assert cached and all(type(w) is torch.Tensor for w in cached)
     session = onnxruntime.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(session.run(None, {"image": x})[0], want, atol=ATOL)
+
+
+@pytest.mark.parametrize("noise_shape, seed", [((None, 1, 1, 1), 5), (None, 7), ((None, 1, 1, 4), 3)])
+def test_fast_dropout_draws_keras_mask_and_matches_values_and_gradients(noise_shape, seed):
+    import torch
+
+    def layer():  # the same seed: both layers start on one seed stream
+        return keras.layers.Dropout(0.3, noise_shape=noise_shape, seed=seed)
+
+    reference, fast = layer(), fast_layers.with_fast_layers(keras.Sequential([layer()])).layers[0]
+    assert type(fast) is fast_layers.FastDropout
+    x = np.random.default_rng(4).normal(size=(6, 5, 5, 4)).astype(np.float32)
+    outputs = []
+    for dropout in (reference, fast):
+        results = []
+        for _ in range(3):  # the streams advance alike: a fresh mask each call, the same in both
+            inputs = torch.tensor(x, requires_grad=True)
+            out = dropout(inputs, training=True)
+            (out * torch.arange(out.numel()).reshape(out.shape)).sum().backward()
+            results.append((numpy(out), inputs.grad.numpy()))
+        outputs.append(results)
+    for (out_a, dx_a), (out_b, dx_b) in zip(*outputs):
+        np.testing.assert_allclose(out_b, out_a, rtol=1e-6)
+        np.testing.assert_allclose(dx_b, dx_a, rtol=1e-6)
+    dropped = [(out == 0).mean() for out, _ in outputs[1]]
+    assert 0.0 < np.mean(dropped) < 0.7 and len({float(d) for d in dropped}) > 1
+    np.testing.assert_array_equal(numpy(fast(x, training=False)), x)

@@ -23,6 +23,7 @@ import numpy as np
 import pandas as pd
 
 import ich.models  # noqa: F401  (registers the custom layers and losses before loading)
+from ich.allocator import retain_freed_memory
 from ich.constants import CASCADE_JSON, IMAGE, LABELS
 from ich.data.series import pack, series_runs, unpack
 from ich.evaluation.cascade_file import CascadeBase, batch_length, pad, read_cascade_json, stage_kind
@@ -196,6 +197,7 @@ def load_cascade(run_dir: Path) -> Cascade:
     """
     run_dir = Path(run_dir)
     meta = read_cascade_json(run_dir)
+    retain_freed_memory()  # each batch's activations reuse the last batch's pages (ich.allocator)
     models = {}
     for stage in meta["stages"]:
         path = run_dir / stage["file"]

@@ -50,7 +50,7 @@ DIRECT_LAYERS = (
     keras.layers.Reshape, keras.layers.GlobalAveragePooling2D, keras.layers.Dense,
     keras.layers.Rescaling, keras.layers.LayerNormalization, keras.layers.GlobalAveragePooling1D,
     fast_layers.FastConv2D, fast_layers.FastDepthwiseConv2D, fast_layers.FastBatchNormalization,
-    fast_layers.FastDense)
+    fast_layers.FastDense, fast_layers.FastDropout)
 
 
 @dataclass(frozen=True)

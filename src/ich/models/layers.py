@@ -1,7 +1,7 @@
 """Custom Keras layers of the cascade, registered so `keras.saving.load_model` finds them.
 
 In/out: tensors. `TokenEmbedding` adds one learned vector per token to a (N, T, D) sequence.
-`FastConv2D`, `FastDepthwiseConv2D`, `FastBatchNormalization` and `FastDense` are the Keras
+`FastConv2D`, `FastDepthwiseConv2D`, `FastBatchNormalization`, `FastDense` and `FastDropout` are the Keras
 layers with a faster call on the torch backend (same weights and results within float tolerance);
 `with_fast_layers` swaps them into a built backbone.
 """
@@ -265,6 +265,40 @@ class FastDense(keras.layers.Dense):
         return outputs
 
 
+@keras.saving.register_keras_serializable(package="ich")
+class FastDropout(keras.layers.Dropout):
+    """keras.layers.Dropout with its seeded mask applied in one multiplication on torch.
+
+    Keras' torch dropout with a seed or a noise shape (EfficientNetV2's stochastic depth: one
+    draw per image, noise shape (N, 1, 1, 1), on every residual block) divides the whole
+    input by the keep probability, fills a tensor of zeros as large, and selects between them
+    (torch.where); its backward selects again. This draws the same mask from the same
+    generator (torch.bernoulli on Keras' seed stream) and multiplies the input by mask / keep,
+    broadcast: one pass over the feature map forward and one backward. Same values within
+    float rounding (x * (1 / keep) against x / keep), the same random stream.
+    """
+
+    def call(self, inputs, training=False):
+        """inputs x mask / keep when training; Keras' own code off the torch fast path and for
+        the unseeded case (there Keras already calls torch's fused dropout)."""
+        if not (training and 0.0 < self.rate < 1.0) or not _torch_fast(inputs) or not self._seeded():
+            return super().call(inputs, training=training)
+        import torch
+
+        from keras.src.backend.torch.random import _get_concrete_noise_shape, torch_seed_generator
+
+        keep = 1.0 - self.rate
+        shape = _get_concrete_noise_shape(inputs, self.noise_shape)
+        draws = torch.full(shape, keep, device=inputs.device)
+        mask = torch.bernoulli(draws, generator=torch_seed_generator(self.seed_generator))
+        return inputs * mask.mul_(1.0 / keep)
+
+    def _seeded(self) -> bool:
+        """Keras' test for its seeded path (keras.src.backend.torch.random.dropout): a noise
+        shape, or a seed generator made with a seed."""
+        return self.noise_shape is not None or self.seed_generator._initial_seed is not None
+
+
 def can_fold(conv, bn) -> bool:
     """True when BatchNorm `bn`, applied to the output of convolution `conv` alone, can be
     folded into it for prediction: ich's fast twins, channels last, no activation between."""
@@ -305,7 +339,8 @@ def folded_conv_bn(conv, bn, inputs):
 
 # Keras layer class -> its fast twin, swapped in by `with_fast_layers`.
 FAST_LAYERS = {keras.layers.Conv2D: FastConv2D, keras.layers.DepthwiseConv2D: FastDepthwiseConv2D,
-               keras.layers.BatchNormalization: FastBatchNormalization, keras.layers.Dense: FastDense}
+               keras.layers.BatchNormalization: FastBatchNormalization, keras.layers.Dense: FastDense,
+               keras.layers.Dropout: FastDropout}
 
 
 def with_fast_layers(model: keras.Model) -> keras.Model:

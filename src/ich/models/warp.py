@@ -24,6 +24,7 @@ online augmentation 16% of a stage-1 training step; 6% with these (bench/train_s
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import keras
 from keras import ops
@@ -66,50 +67,32 @@ class RandomWarp(keras.layers.Layer):
                                 or (self.elastic_p and self.elastic_scale)):
             return images
         images = ops.cast(images, self.compute_dtype)
-        shape = ops.shape(images)
-        n, height, width = shape[0], images.shape[1], images.shape[2]
-        src_y, src_x = self._affine_grid(n, height, width)
-        if self.elastic_p > 0 and self.elastic_scale > 0:
-            dy, dx = self._elastic_field(n, height, width)
-            src_y, src_x = src_y + dy, src_x + dx
-        if FLIP_AXES[self.flip]:
-            flips = keras.random.uniform((n,), 0.0, 1.0, seed=self.seed_generator,
-                                         dtype=self.compute_dtype) <= 0.5
-            src_y, src_x = flip_coordinates(src_y, src_x, flips, self.flip, height, width)
-        return bilinear_sample(images, src_y, src_x)
+        n, height, width = ops.shape(images)[0], images.shape[1], images.shape[2]
+        draws = self._draws(n, height, width)
+        if keras.backend.backend() == "torch" and height > 1 and width > 1:
+            return warp_torch(images, draws, self.flip, self.elastic_scale)
+        return warp_ops(images, draws, self.flip, self.elastic_scale)
 
     def _uniform(self, n, limit):
         return keras.random.uniform((n,), -limit, limit, seed=self.seed_generator,
                                     dtype=self.compute_dtype)
 
-    def _affine_grid(self, n, height, width):
-        """Source coordinates (N, H, W) of every output pixel under a random affine map."""
+    def _draws(self, n, height: int, width: int) -> "Draws":
+        """This call's random numbers, in one fixed order (the same on every backend)."""
         angle = self._uniform(n, 2.0 * math.pi * self.rotation)
         scale = 1.0 + self._uniform(n, self.zoom)
         shift_y = self._uniform(n, self.translate * height)
         shift_x = self._uniform(n, self.translate * width)
-        cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
-        yy, xx = ops.meshgrid(ops.arange(height, dtype=self.compute_dtype) - cy,
-                              ops.arange(width, dtype=self.compute_dtype) - cx, indexing="ij")
-
-        def per_image(v):
-            return ops.reshape(v, (-1, 1, 1))
-
-        cos, sin = per_image(ops.cos(angle) * scale), per_image(ops.sin(angle) * scale)
-        src_y = cos * yy - sin * xx + cy + per_image(shift_y)
-        src_x = sin * yy + cos * xx + cx + per_image(shift_x)
-        return src_y, src_x
-
-    def _elastic_field(self, n, height, width):
-        """A smooth random displacement (dy, dx), each (N, H, W), zero for images not drawn."""
-        coarse = keras.random.uniform((n, ELASTIC_GRID, ELASTIC_GRID, 2), -1.0, 1.0,
-                                      seed=self.seed_generator, dtype=self.compute_dtype)
-        drawn = keras.random.uniform((n,), 0.0, 1.0, seed=self.seed_generator,
-                                     dtype=self.compute_dtype) < self.elastic_p
-        amplitude = self.elastic_scale * max(height, width)
-        make = drawn_field_torch if keras.backend.backend() == "torch" else drawn_field
-        field = make(coarse, drawn, amplitude, height, width)
-        return field[..., 0], field[..., 1]
+        coarse = drawn = flips = None
+        if self.elastic_p > 0 and self.elastic_scale > 0:
+            coarse = keras.random.uniform((n, ELASTIC_GRID, ELASTIC_GRID, 2), -1.0, 1.0,
+                                          seed=self.seed_generator, dtype=self.compute_dtype)
+            drawn = keras.random.uniform((n,), 0.0, 1.0, seed=self.seed_generator,
+                                         dtype=self.compute_dtype) < self.elastic_p
+        if FLIP_AXES[self.flip]:
+            flips = keras.random.uniform((n,), 0.0, 1.0, seed=self.seed_generator,
+                                         dtype=self.compute_dtype) <= 0.5
+        return Draws(angle, scale, shift_y, shift_x, coarse, drawn, flips)
 
     def compute_output_shape(self, input_shape):
         """Same shape as the input."""
@@ -120,6 +103,104 @@ class RandomWarp(keras.layers.Layer):
         return {**super().get_config(), "rotation": self.rotation, "zoom": self.zoom,
                 "translate": self.translate, "elastic_p": self.elastic_p,
                 "elastic_scale": self.elastic_scale, "seed": self.seed, "flip": self.flip}
+
+
+class Draws(NamedTuple):
+    """One call's random numbers: per image (N,) the rotation angle (radians), the zoom
+    factor and the shift (pixels); the coarse elastic noise (N, g, g, 2) and which images are
+    warped elastically (None without elastic); which are flipped (None without a flip)."""
+
+    angle: object
+    scale: object
+    shift_y: object
+    shift_x: object
+    coarse: object
+    drawn: object
+    flips: object
+
+
+def warp_ops(images, draws: Draws, flip: str, elastic_scale: float):
+    """The warp in keras.ops (every backend): source coordinates of every output pixel under
+    the affine map, plus the elastic field, reflected by the flip, then one bilinear sample."""
+    height, width = images.shape[1], images.shape[2]
+    src_y, src_x = affine_coordinates(draws, height, width, images.dtype)
+    if draws.coarse is not None:
+        make = drawn_field_torch if keras.backend.backend() == "torch" else drawn_field
+        field = make(draws.coarse, draws.drawn, elastic_scale * max(height, width), height, width)
+        src_y, src_x = src_y + field[..., 0], src_x + field[..., 1]
+    if draws.flips is not None:
+        src_y, src_x = flip_coordinates(src_y, src_x, draws.flips, flip, height, width)
+    return bilinear_sample(images, src_y, src_x)
+
+
+def affine_coordinates(draws: Draws, height: int, width: int, dtype):
+    """Source coordinates (N, H, W) of every output pixel under each image's affine map:
+    rotation and zoom about the image centre, then the shift."""
+    cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
+    yy, xx = ops.meshgrid(ops.arange(height, dtype=dtype) - cy,
+                          ops.arange(width, dtype=dtype) - cx, indexing="ij")
+
+    def per_image(v):
+        return ops.reshape(v, (-1, 1, 1))
+
+    cos = per_image(ops.cos(draws.angle) * draws.scale)
+    sin = per_image(ops.sin(draws.angle) * draws.scale)
+    src_y = cos * yy - sin * xx + cy + per_image(draws.shift_y)
+    src_x = sin * yy + cos * xx + cx + per_image(draws.shift_x)
+    return src_y, src_x
+
+
+def warp_torch(images, draws: Draws, flip: str, elastic_scale: float):
+    """warp_ops on torch, with the map built as grid_sample's own grid: the affine map, the
+    flip (a reflection: a sign) and grid_sample's [-1, 1] normalisation compose into one
+    (N, 2, 3) matrix per image, from which torch.nn.functional.affine_grid writes the whole
+    grid in one pass; the elastic field is added for the drawn images only. warp_ops builds
+    the same grid in about twenty elementwise passes over (N, H, W) coordinates. Same numbers
+    within float rounding (tests/test_augment_online.py).
+
+    With align_corners=True a normalised coordinate u stands for pixel (u + 1) (W - 1) / 2, so
+    x_src = s yy + c xx + cx + tx, with xx = u (W - 1) / 2 and yy = v (H - 1) / 2, becomes
+    u_src = c u + s (H - 1) / (W - 1) v + 2 tx / (W - 1); likewise v_src.
+    """
+    import torch
+
+    images = ops.convert_to_tensor(images)
+    n, height, width = images.shape[0], images.shape[1], images.shape[2]
+
+    def tensor(v):
+        return ops.convert_to_tensor(v).float()
+
+    cos = torch.cos(tensor(draws.angle)) * tensor(draws.scale)
+    sin = torch.sin(tensor(draws.angle)) * tensor(draws.scale)
+    theta = torch.stack([   # (N, 2, 3): the rows of u_src and v_src
+        torch.stack([cos, sin * ((height - 1) / (width - 1)),
+                     tensor(draws.shift_x) * (2.0 / (width - 1))], -1),
+        torch.stack([-sin * ((width - 1) / (height - 1)), cos,
+                     tensor(draws.shift_y) * (2.0 / (height - 1))], -1)], 1)
+    signs = None
+    if draws.flips is not None:
+        # A flip reflects the source coordinate about the centre, u -> -u: the row's sign.
+        sign = torch.where(ops.convert_to_tensor(draws.flips), -1.0, 1.0)
+        ones = torch.ones_like(sign)
+        axes = FLIP_AXES[flip]
+        signs = torch.stack([sign if "x" in axes else ones, sign if "y" in axes else ones], -1)
+        theta = theta * signs[:, :, None]
+    grid = torch.nn.functional.affine_grid(theta, [n, 1, height, width], align_corners=True)
+    if draws.coarse is not None:
+        index = torch.nonzero(ops.convert_to_tensor(draws.drawn)).flatten()
+        if index.numel():
+            amplitude = elastic_scale * max(height, width)
+            field = ops.image.resize(ops.convert_to_tensor(draws.coarse)[index], (height, width),
+                                     interpolation="bicubic", data_format="channels_last")
+            # (dy, dx) in pixels -> (du, dv) normalised, reflected with the rest of the map.
+            scale = torch.tensor([2.0 / (width - 1), 2.0 / (height - 1)]) * amplitude
+            if signs is not None:
+                scale = scale * signs[index][:, None, None, :]
+            grid[index] += field.float().flip(-1) * scale
+    out = torch.nn.functional.grid_sample(images.permute(0, 3, 1, 2).float(), grid,
+                                          mode="bilinear", padding_mode="zeros", align_corners=True)
+    # contiguous: see bilinear_sample_torch.
+    return out.permute(0, 2, 3, 1).contiguous().to(images.dtype)
 
 
 def flip_coordinates(src_y, src_x, flips, mode: str, height: int, width: int):

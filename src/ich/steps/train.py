@@ -22,6 +22,7 @@ import keras
 import numpy as np
 
 from ich import backend, config
+from ich.allocator import retain_freed_memory
 from ich.constants import AUGMENTED_CSV, CASCADE_JSON, LABELS, SEQUENCE, SPLITS_CSV
 from ich.data.inputs import InputSpec
 from ich.data.loading import load_split
@@ -99,6 +100,7 @@ def run(cfg: dict, force: bool = False) -> Path:
     log.info("train: %s, global batch %d%s", plan.describe(), int(cfg["train"]["batch_size"]),
              f" (stage 2: {int(own)})" if own is not None else "")
     config.save(cfg, run_dir / RUN_CONFIG)
+    retain_freed_memory()  # each step's activations reuse the last step's pages (ich.allocator)
 
     previous_policy = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_float16" if mixed else "float32")

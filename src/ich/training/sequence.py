@@ -34,6 +34,7 @@ from ich.io import Timer, atomic_path, summary
 from ich.saved_models import load_saved
 from ich.models.sequence import training_model
 from ich.stamps import Stamp
+from ich.training.optimizer import adam
 from ich.training.schedule import learning_rate
 from ich.training.stages import Stage, stage_seed
 from ich.training.trainer import CHECKPOINT_DIR, best_score, check_resume, fit_phase, load_best
@@ -143,7 +144,7 @@ def train_sequence(cfg: dict, stage: Stage, run_dir: Path, stamp: Stamp, splits:
         loss, _ = stage.loss(cfg, y_train)
         batches = SeriesBatches(x_train, y_train, int(seq["batch_size"]), shuffle=True, seed=seed)
         rate = learning_rate(cfg["train"], float(seq["lr"]), int(seq["epochs"]), len(batches))
-        fitted.compile(optimizer=keras.optimizers.Adam(rate), loss=loss, metrics=[stage.metric()])
+        fitted.compile(optimizer=adam(rate), loss=loss, metrics=[stage.metric()])
         best_path = run_dir / CHECKPOINT_DIR / f"{stage.name}_best.weights.h5"
         val_batches = SeriesBatches(x_val, y_val, int(seq["batch_size"]), shuffle=False, seed=seed)
         # Its best epoch whatever train.keep says: it stops early, patience epochs past its best.

@@ -37,6 +37,7 @@ from ich.models.cascade import set_backbone_trainable
 from ich.models.online_augment import online_augmentation
 from ich.stamps import Stamp, difference
 from ich.training.callbacks import phase_callbacks, read_best, resume_epoch
+from ich.training.optimizer import adam
 from ich.training.schedule import cuts_on_plateau, learning_rate
 from ich.training.stages import (PHASES, Stage, phase_epochs, phase_lr, stage_batch_size,
                                  stage_seed)
@@ -95,7 +96,7 @@ def train_stage(cfg: dict, stage: Stage, spec: InputSpec, run_dir: Path, stamp: 
             load_best(model, best_path)  # phase 2 starts from the best of phase 1
         set_backbone_trainable(model, phase == "finetune", pretrained=pretrained)
         rate = learning_rate(train, phase_lr(cfg, phase), epochs, len(batches))
-        model.compile(optimizer=keras.optimizers.Adam(rate), loss=loss,
+        model.compile(optimizer=adam(rate), loss=loss,
                       metrics=[stage.metric()], jit_compile=jit)
         first, done = fit_phase(model, cfg, stage.name, phase, run_dir, batches, val_batches, epochs,
                            class_weight, offset, best_path)
