@@ -24,8 +24,9 @@ inference_mode, and onnxruntime on the stage exported by ich.backend.export_onnx
 `ich export` writes).
 
 Every contender trains on the same random float32 batch, already in host memory, in one
-process; rounds are interleaved (each round runs every contender once, in turn), so a load
-change on the shared machine hits all of them alike; the median over rounds is printed. The
+process; rounds are interleaved (each round runs every contender once, in turn, starting one
+later each round), so a load change on the shared machine hits all of them alike and no
+contender keeps the place after another's steps; the median over rounds is printed. The
 first steps of each contender (allocation, compilation) are not timed. The CPU model and core
 count are printed first so that figures from different machines can be told apart. The
 process keeps freed memory for reuse as `ich train` does (ich.allocator; --malloc-defaults
@@ -250,13 +251,17 @@ def onnx_inference(model, x_np, folder: Path):
 # ------------------------------------------------------------------------------------ timing
 
 def interleaved(contenders: dict, batch: int, rounds: int, steps: int, warmup: int) -> dict:
-    """Median images/s of each zero-argument step function, rounds interleaved."""
+    """Median images/s of each zero-argument step function, rounds interleaved. Each round
+    starts one contender later (a rotation): a contender's place in the round moved its
+    figure by 5-15% here (the one run straight after another model's steps was the slowest),
+    so every contender takes every place equally often over len(contenders) rounds."""
     for step in contenders.values():
         for _ in range(warmup):
             step()
     rates = {name: [] for name in contenders}
-    for _ in range(rounds):
-        for name, step in contenders.items():
+    order = list(contenders.items())
+    for r in range(rounds):
+        for name, step in order[r % len(order):] + order[:r % len(order)]:
             start = time.perf_counter()
             for _ in range(steps):
                 step()
