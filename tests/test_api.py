@@ -55,7 +55,7 @@ def test_import_ich_is_light_and_registers_with_keras(tmp_path):
         "from keras.src.saving.object_registration import GLOBAL_CUSTOM_OBJECTS as R\n"
         "print(sorted(k for k in R if k.startswith('ich>')))\n")
     assert ("['ich>FastBatchNormalization', 'ich>FastConv2D', 'ich>FastDense', 'ich>FastDepthwiseConv2D', "
-            "'ich>MaskedAUC', 'ich>MaskedAttentionPool', 'ich>MaskedMaxPool', 'ich>MaskedSequence', "
+            "'ich>FastDropout', 'ich>MaskedAUC', 'ich>MaskedAttentionPool', 'ich>MaskedMaxPool', 'ich>MaskedSequence', "
             "'ich>ProbabilityLogits', 'ich>RandomIntensity', 'ich>RandomWarp', 'ich>TokenEmbedding', "
             "'ich>WeightedBCE', "
             "'ich>masked_bce']"
