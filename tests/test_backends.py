@@ -48,6 +48,7 @@ def test_torch_cascade_round_trip(torch_run):
     np.testing.assert_allclose(loaded, in_memory, atol=1e-5)
 
 
+@pytest.mark.slow  # a JAX process building the cascade: ~50 s on a 2-core Zen 1; test_jax_end_to_end_smoke_tiny is the fast check
 def test_torch_model_predicts_the_same_on_jax(torch_run, tmp_path):
     run_dir, _, torch_probs = torch_run
     np.save(tmp_path / "images.npy", fixed_images())

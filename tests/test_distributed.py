@@ -184,6 +184,7 @@ def test_ich_preprocess_on_the_cluster_matches_a_local_run(cluster, dicoms, tmp_
     assert (remote / IMAGES_CSV).stat().st_mtime_ns == before
 
 
+@pytest.mark.slow  # waits out the file timeout on a cluster: ~25 s; test_robustness hangs a file locally
 @pytest.mark.timeout(240)
 def test_a_file_that_hangs_its_decoder_times_out_on_the_cluster_as_locally(cluster, dicoms, tmp_path,
                                                                           monkeypatch, caplog):

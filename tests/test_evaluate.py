@@ -123,6 +123,7 @@ def test_study_level_is_the_max_over_slices_and_agrees_with_scikit_learn(setup):
         roc_auc_score(studies["epidural_true"], studies["epidural"]))
 
 
+@pytest.mark.slow  # two evaluations (the report's figures are most of their ~12 s each)
 def test_other_threshold_method_is_chosen_on_val_and_leaves_the_run_alone(setup, caplog):
     cfg, work, run = setup
     before = (run / CASCADE_JSON).read_bytes()
@@ -144,6 +145,7 @@ def test_other_threshold_method_is_chosen_on_val_and_leaves_the_run_alone(setup,
         ["cascade.json", "stage1.keras", "stage2.keras", "history", "eval", ".done"])
 
 
+@pytest.mark.slow  # three evaluations: ~25 s
 def test_evaluate_skips_when_complete_and_force_redoes(setup):
     cfg, _, run = setup
     path = evaluate.run(cfg)

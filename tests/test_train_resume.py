@@ -62,6 +62,7 @@ def run_until_killed(cmd, env, done_when, what):
         proc.wait()
 
 
+@pytest.mark.slow  # three `ich train` processes: ~55 s on a 2-core Zen 1; test_train checks the resume rule in-process
 def test_sigkill_in_each_phase_resumes_at_the_last_finished_epoch(tmp_path):
     """Pretrained path (weights folder), frozen 2 epochs then fine-tune 3: killed with SIGKILL
     after frozen epoch 1, rerun, killed again after fine-tune epoch 1, rerun to the end. Each
