@@ -29,6 +29,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from ich.constants import LABELS
+from ich.evaluation.figures import panel_grid
 from ich.io import atomic_write_text
 
 SECTIONS = ("disclaimer", "summary", "results", "operating-points", "roc", "pr", "calibration",
@@ -336,7 +337,7 @@ def plot_confusion(level: Level) -> Figure:
 def png_bytes(fig: Figure) -> bytes:
     """A figure as PNG bytes."""
     buf = io.BytesIO()
-    # No bbox_inches="tight": the constrained layout already fits, and the extra pass doubles the time.
+    # No bbox_inches="tight": the fixed layout already fits, and the extra pass doubles the time.
     fig.savefig(buf, format="png", dpi=DPI)
     return buf.getvalue()
 
@@ -346,11 +347,10 @@ def png_bytes(fig: Figure) -> bytes:
 def _grid(n: int, title: str, size: float = 3.6):
     cols = min(3, max(1, n))
     rows = -(-n // cols)
-    fig = Figure(figsize=(size * cols, size * rows + 0.5), layout="constrained")
-    axes = list(np.atleast_1d(fig.subplots(rows, cols)).ravel())
+    # `size` is the panel's share of the figure, as it was under the constrained layout.
+    fig, axes = panel_grid(rows, cols, (size - 0.8, size - 0.9), title)
     for ax in axes[n:]:
         ax.set_axis_off()
-    fig.suptitle(title, fontsize=12)
     return fig, axes[:n]
 
 

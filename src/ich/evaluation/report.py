@@ -21,6 +21,7 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from ich.constants import LABELS, REPORT_MD
+from ich.evaluation.figures import panel_grid
 from ich.io import atomic_path, atomic_write_text
 
 ROC_PNG = "roc.png"
@@ -86,8 +87,11 @@ def write_report(out_dir: Path, metrics: dict, y_true, y_prob, history_dir: Path
 
 def save_png(fig: Figure, path: Path) -> Path:
     """Save a figure as PNG atomically."""
+    # Cropping ("tight") draws the figure twice: only the figures with a layout engine need it
+    # (ich.evaluation.figures' grids are laid out to fit).
+    crop = "tight" if fig.get_layout_engine() is not None else None
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=DPI, bbox_inches=crop)
     return Path(path)
 
 
@@ -369,10 +373,7 @@ def _training_order(path: Path) -> tuple:
 
 
 def _grid(title: str):
-    fig = Figure(figsize=(12, 7.6), layout="constrained")
-    axes = fig.subplots(2, 3).ravel()
-    fig.suptitle(title, fontsize=13)
-    return fig, axes
+    return panel_grid(2, 3, (3.2, 2.9), title, title_size=13)
 
 
 def _style(ax, label: str, xlabel: str, ylabel: str) -> None:
