@@ -13,7 +13,8 @@ augmentation on (what training costs) and once with it off (the difference is th
 augmentation's cost). The reference is timm 1.0.31 in plain PyTorch: stage 1 =
 tf_efficientnetv2_b0 (1 logit, BCEWithLogits; with Keras' stochastic depth, which
 keras.applications' EfficientNetV2 trains with and timm's default leaves off), stage 2 = one nn.Module with
-tf_efficientnetv2_b0 and convnext_tiny on the same input and the head ich has (1x1 projection
+tf_efficientnetv2_b0 and convnext_tiny (timm's names of model.stage2_backbones: convnext_pico for the
+demo's ConvNeXtPico) on the same input and the head ich has (1x1 projection
 and LayerNorm per backbone, learned token embedding, one post-norm transformer block of the
 same width, heads and MLP, mean pool, dropout, 5 logits), Adam at the same learning rate.
 Inference (forward only): ich's predict path (`predict_on_batch` on the augmentation-free
@@ -150,6 +151,21 @@ def keras_drop_path(timm_name: str) -> float:
     return inspect.signature(convnext.ConvNeXt).parameters["drop_path_rate"].default
 
 
+# timm's name of each ich backbone: the same depths and widths (ich.models.backbones).
+TIMM_NAMES = {"EfficientNetV2B0": "tf_efficientnetv2_b0", "ConvNeXtPico": "convnext_pico",
+              "ConvNeXtNano": "convnext_nano", "ConvNeXtTiny": "convnext_tiny",
+              "ConvNeXtSmall": "convnext_small"}
+
+
+def timm_names(backbones) -> list[str]:
+    """timm's names of ich's `backbones` (model.stage2_backbones), so that `--set
+    "model.stage2_backbones=[EfficientNetV2B0,ConvNeXtPico]"` (the demo's) compares like with like."""
+    missing = [b for b in backbones if b not in TIMM_NAMES]
+    if missing:
+        raise SystemExit(f"train_speed: no timm counterpart for {missing}; known: {sorted(TIMM_NAMES)}")
+    return [TIMM_NAMES[b] for b in backbones]
+
+
 def timm_model(stage: str, cfg: dict):
     """timm's native model of `stage` ending in OUTPUTS[stage] logits (see the module docstring)."""
     import torch
@@ -173,7 +189,7 @@ def timm_model(stage: str, cfg: dict):
             self.backbones = torch.nn.ModuleList(
                 timm.create_model(n, pretrained=False, num_classes=0, global_pool="",
                                   in_chans=channels, drop_path_rate=keras_drop_path(n))
-                for n in ("tf_efficientnetv2_b0", "convnext_tiny"))
+                for n in timm_names(cfg["model"]["stage2_backbones"]))
             self.proj = torch.nn.ModuleList(torch.nn.Conv2d(b.num_features, dim, 1) for b in self.backbones)
             self.norm = torch.nn.ModuleList(torch.nn.LayerNorm(dim, eps=1e-6) for _ in self.backbones)
             tokens = 2 * (size // 32) ** 2

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import keras
 import numpy as np
+import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
@@ -30,3 +31,10 @@ def test_ich_step_trains_the_stage_as_fit_does():
     assert int(model.optimizer.iterations) == iterations + 3  # one optimizer update per step
     moved = [np.abs(keras.ops.convert_to_numpy(w) - b).max() for w, b in zip(model.trainable_weights, before)]
     assert max(moved) > 1e-4
+
+
+def test_timm_counterparts_follow_the_configured_stage2_backbones():
+    assert train_speed.timm_names(["EfficientNetV2B0", "ConvNeXtPico"]) == ["tf_efficientnetv2_b0", "convnext_pico"]
+    assert train_speed.timm_names(["EfficientNetV2B0", "ConvNeXtTiny"]) == ["tf_efficientnetv2_b0", "convnext_tiny"]
+    with pytest.raises(SystemExit, match="ResNet50"):
+        train_speed.timm_names(["ResNet50"])
