@@ -71,3 +71,21 @@ def test_panel_grid_sizes_the_figure_from_its_panels():
     assert first.width * width == pytest.approx(3.0)
     assert first.height * height == pytest.approx(2.5)
     assert len(axes) == 6
+
+
+def test_report_figures_bench_baseline_is_laid_out_by_matplotlib():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    import report_figures
+
+    level = _level(6)
+    fixed, baseline = report_figures.figures(level), report_figures.figures(level)
+    assert len(fixed) == 7 and [cropped for _, cropped in fixed].count(True) == 3
+    assert report_figures.draw_all(fixed, constrained=False) > 0
+    assert report_figures.draw_all(baseline, constrained=True) > 0
+    # The constrained layout moved the panels (the baseline is not the fixed layout timed twice).
+    first = fixed[0][0].axes[0].get_position().bounds
+    moved = baseline[0][0].axes[0].get_position().bounds
+    assert first != pytest.approx(moved, abs=1e-3)
